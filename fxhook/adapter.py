@@ -1,0 +1,56 @@
+"""The schema of an architecture adapter: where things live in a HF module tree.
+
+An adapter is data. Paths are dotted module paths; block-relative paths are
+resolved inside each block. Generic code in `fxhook/` reads only this schema,
+so supporting a new family means writing one `Adapter` in `adapters/`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+NormKind = Literal["layernorm", "rmsnorm", "rmsnorm_plus_one"]
+PositionalKind = Literal["absolute", "rotary"]
+
+
+@dataclass(frozen=True)
+class Site:
+    """A tensor at a module boundary: the output of `module`, or its first input."""
+
+    module: str
+    side: Literal["output", "input"] = "output"
+    split_heads: bool = False  # the tensor is [b, p, heads * d_head]: mark as [b, p, heads, d_head]
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Per-family knowledge. Every path is relative to the HF causal-LM object."""
+
+    architectures: tuple[str, ...]
+    embed: str
+    blocks: str
+    final_norm: str
+    unembed: str
+    # inside each block
+    ln1: str
+    attn: str
+    ln2: str
+    mlp: str
+    norm_kind: NormKind
+    positional: PositionalKind
+    pos_embed: str | None = None
+    # pre-rotary q/k/v of rotary models (block-relative); None: marked inside attention
+    q_site: Site | None = None
+    k_site: Site | None = None
+    # MLP (block-relative)
+    mlp_pre: Site | None = None
+    mlp_pre_linear: Site | None = None
+    mlp_post: Site | None = None
+    gated_mlp: bool = False
+    # how to read the norm's epsilon from the module
+    norm_eps_attr: tuple[str, ...] = ("eps", "variance_epsilon")
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def rotary(self) -> bool:
+        return self.positional == "rotary"

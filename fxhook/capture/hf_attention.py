@@ -1,0 +1,82 @@
+"""The attention implementation fxhook registers with transformers for capture.
+
+transformers 5.x routes every model's attention core through a registry. We
+register "fxhook": it marks q/k/v (and rot_q/rot_k on rotary models) and calls
+the opaque `fxhook::attention` op, then marks z. The matching mask function
+always returns a boolean mask (True = attend): without a registered mask
+function transformers silently drops the causal mask.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from fxhook.capture.ops import attention_core, hook_marker
+
+IMPLEMENTATION_NAME = "fxhook"
+
+_SUPPORTED_KWARGS = {"scaling", "dropout", "softcap", "sliding_window", "position_ids", "cache_position",
+                     "output_attentions", "use_cache", "is_causal", "position_embeddings", "past_key_values",
+                     "cache", "attention_mask"}
+
+
+@dataclass
+class AttentionCaptureSettings:
+    """What the registered attention marks; set by the capture context for one export."""
+
+    mark_qk_here: bool = True  # pre-rotary q/k are marked here (models without rotary)
+    mark_rotated: bool = False  # rotary models: q/k arriving here are hook_rot_q / hook_rot_k
+
+
+SETTINGS = AttentionCaptureSettings()
+
+
+def _heads_last(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2)  # [b, h, p, d] <-> [b, p, h, d]
+
+
+def _mark_heads(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Mark a [b, h, p, d] tensor as the [b, p, h, d] hook `name`."""
+    return _heads_last(hook_marker(_heads_last(x), name))
+
+
+def fxhook_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
+                     sliding_window=None, **kwargs):
+    unknown = set(kwargs) - _SUPPORTED_KWARGS
+    if unknown or getattr(module, "sinks", None) is not None:
+        raise NotImplementedError(
+            f"fxhook's attention capture does not handle {sorted(unknown) or ['attention sinks']} "
+            f"(layer {module.__class__.__name__}); add support in fxhook/capture/hf_attention.py.")
+    if dropout and module.training:
+        raise NotImplementedError("fxhook captures models in eval mode; attention dropout is not supported.")
+    layer = int(module.layer_idx)
+    prefix = f"blocks.{layer}.attn."
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    if SETTINGS.mark_qk_here:
+        query = _mark_heads(query, prefix + "hook_q")
+        key = _mark_heads(key, prefix + "hook_k")
+    if SETTINGS.mark_rotated:
+        query = _mark_heads(query, prefix + "hook_rot_q")
+        key = _mark_heads(key, prefix + "hook_rot_k")
+    value = _mark_heads(value, prefix + "hook_v")
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        raise TypeError("fxhook attention expects a boolean mask; the mask function was not registered.")
+    z = attention_core(query, key, value, attention_mask, float(scaling),
+                       None if softcap is None else float(softcap), layer)
+    z = hook_marker(z, prefix + "hook_z")
+    return z, None
+
+
+def fxhook_mask(*args, **kwargs):
+    """Boolean mask, never skipped: the explicit attention needs it on every layer."""
+    kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
+def register() -> None:
+    AttentionInterface.register(IMPLEMENTATION_NAME, fxhook_attention)
+    AttentionMaskInterface.register(IMPLEMENTATION_NAME, fxhook_mask)

@@ -1,0 +1,148 @@
+"""Temporarily instrument a HF model so that export records every hook site.
+
+Everything installed here is removed on exit: the user's model is left as it
+was. Sites at module boundaries use module hooks; norms get fxhook's norm
+computation; the attention core goes through the registered "fxhook"
+attention implementation.
+"""
+from __future__ import annotations
+
+import contextlib
+import types
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from fxhook.adapter import Adapter, Site
+from fxhook.capture import hf_attention
+from fxhook.capture.norms import hooked_norm
+from fxhook.capture.ops import hook_marker
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    try:
+        return root.get_submodule(path)
+    except AttributeError as e:
+        raise ValueError(f"adapter path {path!r} not found in {type(root).__name__}: {e}") from None
+
+
+def _first_tensor(output) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+def _replace_first(output, new: torch.Tensor):
+    if isinstance(output, torch.Tensor):
+        return new
+    return (new, *output[1:])
+
+
+def _mark_split(x: torch.Tensor, name: str, split_heads: int | None) -> torch.Tensor:
+    if not split_heads:
+        return hook_marker(x, name)
+    shape = x.shape
+    return hook_marker(x.unflatten(-1, (split_heads, -1)), name).reshape(shape)
+
+
+def _norm_eps(module: nn.Module, adapter: Adapter) -> float:
+    for attr in adapter.norm_eps_attr:
+        if hasattr(module, attr):
+            return float(getattr(module, attr))
+    raise ValueError(f"cannot find the epsilon of norm {type(module).__name__}: "
+                     f"the adapter looks for attributes {adapter.norm_eps_attr}")
+
+
+class _Instrumenter:
+    def __init__(self, adapter: Adapter, n_heads: int, n_kv_heads: int):
+        self.adapter = adapter
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
+        self.handles: list = []
+        self.patched_forwards: list[nn.Module] = []
+
+    def mark_output(self, module: nn.Module, name: str, split_heads: int | None = None) -> None:
+        def hook(_mod, _args, output):
+            return _replace_first(output, _mark_split(_first_tensor(output), name, split_heads))
+        self.handles.append(module.register_forward_hook(hook))
+
+    def mark_input(self, module: nn.Module, names: tuple[str, ...]) -> None:
+        def pre_hook(_mod, args, kwargs):
+            if args:
+                x = args[0]
+                for name in names:
+                    x = hook_marker(x, name)
+                return (x, *args[1:]), kwargs
+            key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+            x = kwargs[key]
+            for name in names:
+                x = hook_marker(x, name)
+            return args, {**kwargs, key: x}
+        self.handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+
+    def mark_site(self, block: nn.Module, site: Site, name: str, heads: int) -> None:
+        module = get_module(block, site.module)
+        if site.side == "output":
+            self.mark_output(module, name, heads if site.split_heads else None)
+        else:
+            self.mark_input(module, (name,))
+
+    def patch_norm(self, module: nn.Module, prefix: str) -> None:
+        eps = _norm_eps(module, self.adapter)
+        kind = self.adapter.norm_kind
+
+        def forward(mod, x):
+            return hooked_norm(x, getattr(mod, "weight", None), getattr(mod, "bias", None), eps, kind, prefix)
+        module.forward = types.MethodType(forward, module)
+        self.patched_forwards.append(module)
+
+    def install(self, hf_model: nn.Module) -> None:
+        a = self.adapter
+        self.mark_output(get_module(hf_model, a.embed), "hook_embed")
+        if a.pos_embed is not None:
+            self.mark_output(get_module(hf_model, a.pos_embed), "hook_pos_embed")
+        self.patch_norm(get_module(hf_model, a.final_norm), "ln_final.")
+        for i, block in enumerate(get_module(hf_model, a.blocks)):
+            p = f"blocks.{i}."
+            self.mark_input(block, (p + "hook_resid_pre",))
+            self.mark_output(block, p + "hook_resid_post")
+            self.mark_output(get_module(block, a.attn), p + "hook_attn_out")
+            self.mark_output(get_module(block, a.mlp), p + "hook_mlp_out")
+            self.mark_input(get_module(block, a.ln2), (p + "hook_resid_mid", p + "hook_mlp_in"))
+            self.patch_norm(get_module(block, a.ln1), p + "ln1.")
+            self.patch_norm(get_module(block, a.ln2), p + "ln2.")
+            if a.q_site is not None:
+                self.mark_site(block, a.q_site, p + "attn.hook_q", self.n_heads)
+            if a.k_site is not None:
+                self.mark_site(block, a.k_site, p + "attn.hook_k", self.n_kv_heads)
+            for site, name in ((a.mlp_pre, "hook_pre"), (a.mlp_pre_linear, "hook_pre_linear"),
+                               (a.mlp_post, "hook_post")):
+                if site is not None:
+                    self.mark_site(block, site, p + "mlp." + name, 0)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        for module in self.patched_forwards:
+            del module.forward
+        self.handles.clear()
+        self.patched_forwards.clear()
+
+
+@contextlib.contextmanager
+def instrumented(hf_model: nn.Module, adapter: Adapter, n_heads: int, n_kv_heads: int) -> Iterator[None]:
+    """Within the block, running `hf_model` emits fxhook markers at every hook site."""
+    hf_attention.register()
+    previous_impl = hf_model.config._attn_implementation
+    inst = _Instrumenter(adapter, n_heads, n_kv_heads)
+    settings = hf_attention.SETTINGS
+    saved = (settings.mark_qk_here, settings.mark_rotated)
+    try:
+        settings.mark_qk_here = adapter.q_site is None
+        settings.mark_rotated = adapter.rotary
+        hf_model.set_attn_implementation(hf_attention.IMPLEMENTATION_NAME)
+        inst.install(hf_model)
+        yield
+    finally:
+        inst.remove()
+        settings.mark_qk_here, settings.mark_rotated = saved
+        hf_model.set_attn_implementation(previous_impl)

@@ -1,0 +1,122 @@
+"""HookedTransformerConfig: TransformerLens field names, derived from a HF config."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+
+from fxhook.adapter import Adapter
+
+_NORM_TYPE = {"layernorm": "LN", "rmsnorm": "RMS", "rmsnorm_plus_one": "RMS"}
+_POS_TYPE = {"absolute": "standard", "rotary": "rotary"}
+
+
+@dataclass
+class HookedTransformerConfig:
+    """The model's shape and options, under the names TransformerLens uses."""
+
+    n_layers: int
+    d_model: int
+    n_ctx: int
+    d_head: int
+    n_heads: int
+    d_vocab: int
+    d_mlp: int | None = None
+    n_key_value_heads: int | None = None
+    act_fn: str | None = None
+    eps: float = 1e-5
+    normalization_type: str | None = "LN"
+    positional_embedding_type: str = "standard"
+    rotary_dim: int | None = None
+    rotary_base: float = 10000.0
+    gated_mlp: bool = False
+    final_rms: bool = False
+    original_architecture: str | None = None
+    model_name: str = "custom"
+    tokenizer_name: str | None = None
+    d_vocab_out: int = -1
+    tie_word_embeddings: bool = False
+    parallel_attn_mlp: bool = False
+    attn_only: bool = False
+    default_prepend_bos: bool = True
+    default_padding_side: str = "right"
+    tokenizer_prepends_bos: bool | None = None
+    device: str | None = None
+    dtype: torch.dtype = torch.float32
+    n_params: int | None = None
+    checkpoint_value: int | None = None
+    checkpoint_label_type: str | None = None
+    from_checkpoint: bool = False
+    # flag-gated hooks (TransformerLens names)
+    use_attn_result: bool = False
+    use_split_qkv_input: bool = False
+    use_hook_mlp_in: bool = False
+    use_attn_in: bool = False
+    ungroup_grouped_query_attention: bool = False
+    # weight processing state
+    layer_norm_folding: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.d_vocab_out == -1:
+            self.d_vocab_out = self.d_vocab
+        if self.positional_embedding_type == "rotary" and self.rotary_dim is None:
+            self.rotary_dim = self.d_head
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.n_key_value_heads or self.n_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+
+def _first(hf_config, *names: str, default=None):
+    for name in names:
+        value = getattr(hf_config, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def _rope_theta(hf_config) -> float:
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    if isinstance(params, dict) and "rope_theta" in params:
+        return float(params["rope_theta"])
+    return float(_first(hf_config, "rope_theta", default=10000.0))
+
+
+def config_from_hf(hf_config, adapter: Adapter, model_name: str = "custom") -> HookedTransformerConfig:
+    """Read the TransformerLens fields from a HF config (HF's attribute_map covers name variants)."""
+    d_model = int(hf_config.hidden_size)
+    n_heads = int(hf_config.num_attention_heads)
+    d_head = int(_first(hf_config, "head_dim", default=d_model // n_heads))
+    n_kv = int(_first(hf_config, "num_key_value_heads", default=n_heads))
+    d_mlp = _first(hf_config, "intermediate_size", "n_inner", "ffn_dim")
+    architectures = getattr(hf_config, "architectures", None) or []
+    return HookedTransformerConfig(
+        n_layers=int(hf_config.num_hidden_layers),
+        d_model=d_model,
+        n_ctx=int(_first(hf_config, "max_position_embeddings", "n_positions", default=2048)),
+        d_head=d_head,
+        n_heads=n_heads,
+        d_vocab=int(hf_config.vocab_size),
+        d_mlp=int(d_mlp) if d_mlp is not None else 4 * d_model,
+        n_key_value_heads=n_kv if n_kv != n_heads else None,
+        act_fn=_first(hf_config, "hidden_act", "activation_function"),
+        eps=float(_first(hf_config, "rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", default=1e-5)),
+        normalization_type=_NORM_TYPE[adapter.norm_kind],
+        positional_embedding_type=_POS_TYPE[adapter.positional],
+        rotary_base=_rope_theta(hf_config) if adapter.rotary else 10000.0,
+        gated_mlp=adapter.gated_mlp,
+        final_rms=adapter.norm_kind != "layernorm",
+        original_architecture=architectures[0] if architectures else None,
+        model_name=model_name,
+        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        dtype=getattr(hf_config, "dtype", None) or torch.float32,
+    )

@@ -1,0 +1,68 @@
+"""Small helpers shared by the graph passes."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import fx
+
+from fxhook.capture.ops import attention_op, hook_op
+
+
+def hook_markers(graph: fx.Graph) -> Iterator[fx.Node]:
+    return (n for n in list(graph.nodes) if n.op == "call_function" and n.target is hook_op)
+
+
+def attention_nodes(graph: fx.Graph) -> Iterator[fx.Node]:
+    return (n for n in list(graph.nodes) if n.op == "call_function" and n.target is attention_op)
+
+
+def hook_point_nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """name -> the call_module node of each HookPoint in `gm`."""
+    from fxhook.runtime.hook_point import HookPoint
+
+    out = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), HookPoint):
+            out[n.target] = n
+    return out
+
+
+def output_node(graph: fx.Graph) -> fx.Node:
+    return next(n for n in reversed(graph.nodes) if n.op == "output")
+
+
+def plain_codegen(gm: fx.GraphModule) -> fx.GraphModule:
+    """Drop export's pytree in/out handling so passes can add or remove placeholders freely."""
+    gm.graph._codegen = fx.graph.CodeGen()
+    gm._forward_pre_hooks.clear()
+    output = output_node(gm.graph)
+    (result,) = output.args
+    if isinstance(result, (tuple, list)) and len(result) == 1:
+        output.args = (result[0],)
+    gm.recompile()
+    return gm
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule over a copy of the graph, sharing gm's submodules and parameters."""
+    graph = fx.Graph()
+    value_map: dict[fx.Node, fx.Node] = {}
+    result = graph.graph_copy(gm.graph, value_map)
+    graph.output(result)
+    return fx.GraphModule(gm, graph)
+
+
+def finish(gm: fx.GraphModule) -> fx.GraphModule:
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def is_impure_free_dead(node: fx.Node) -> bool:
+    return len(node.users) == 0 and node.op not in ("placeholder", "output")
+
+
+__all__ = ["hook_markers", "attention_nodes", "hook_point_nodes", "plain_codegen", "copy_graph_module",
+           "finish", "torch"]

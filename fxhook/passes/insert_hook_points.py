@@ -1,0 +1,44 @@
+"""Pass: turn `fxhook::hook` markers into calls of named HookPoint modules."""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import fx
+
+from fxhook.passes.graph_utils import finish, hook_markers
+from fxhook.runtime.hook_point import HookPoint
+
+# Sites marked at one use of a residual value but standing for the value itself:
+# every use of the marked value must read the hooked one (an edit to resid_mid
+# reaches both the MLP and the residual add).
+RESIDUAL_SITES = ("hook_resid_mid",)
+
+
+def _hoist(node: fx.Node) -> None:
+    source = node.args[0]
+    source.append(node)  # move the marker right after its input
+    source.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+
+
+def insert_hook_points(gm: fx.GraphModule, make_point: Callable[[str], HookPoint] = HookPoint
+                       ) -> fx.GraphModule:
+    for marker in hook_markers(gm.graph):
+        x, name = marker.args
+        if name.endswith(RESIDUAL_SITES):
+            _hoist(marker)
+        if not _has_submodule(gm, name):
+            gm.add_submodule(name, make_point(name))
+        with gm.graph.inserting_after(marker):
+            call = gm.graph.call_module(name, (marker.args[0],))
+        call.meta = dict(marker.meta)
+        marker.replace_all_uses_with(call)
+        gm.graph.erase_node(marker)
+    return finish(gm)
+
+
+def _has_submodule(gm: fx.GraphModule, name: str) -> bool:
+    try:
+        gm.get_submodule(name)
+        return True
+    except AttributeError:
+        return False

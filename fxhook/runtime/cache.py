@@ -1,0 +1,80 @@
+"""ActivationCache: the activations of one run, by hook name, with TransformerLens shorthand."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from fxhook.utils import get_act_name
+
+
+class ActivationCache:
+    """A mapping hook name -> activation. `cache["pattern", 0]` expands like get_act_name."""
+
+    def __init__(self, cache_dict: dict[str, torch.Tensor], model, has_batch_dim: bool = True):
+        self.cache_dict = cache_dict
+        self.model = model
+        self.has_batch_dim = has_batch_dim
+
+    def _key(self, key) -> str:
+        if isinstance(key, str):
+            return key if key in self.cache_dict else get_act_name(key)
+        if isinstance(key, tuple):
+            if len(key) == 2:
+                return get_act_name(key[0], key[1])
+            if len(key) == 3:
+                return get_act_name(key[0], key[1], key[2])
+        raise KeyError(f"cache keys are hook names or (name, layer[, layer_type]) tuples, got {key!r}")
+
+    def __getitem__(self, key) -> torch.Tensor:
+        name = self._key(key)
+        if name not in self.cache_dict:
+            from fxhook.runtime.hooks import UnknownHookError, unknown_hook_message
+
+            raise UnknownHookError(unknown_hook_message(name, self.cache_dict) +
+                                   " (this cache holds only what run_with_cache kept)")
+        return self.cache_dict[name]
+
+    def __contains__(self, key) -> bool:
+        try:
+            return self._key(key) in self.cache_dict
+        except (KeyError, ValueError):
+            return False
+
+    def __len__(self) -> int:
+        return len(self.cache_dict)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.cache_dict)
+
+    def keys(self):
+        return self.cache_dict.keys()
+
+    def values(self):
+        return self.cache_dict.values()
+
+    def items(self):
+        return self.cache_dict.items()
+
+    def __repr__(self) -> str:
+        return f"ActivationCache with keys {list(self.cache_dict)}"
+
+    def to(self, device, move_model: bool = False) -> "ActivationCache":
+        self.cache_dict = {k: v.to(device) for k, v in self.cache_dict.items()}
+        if move_model:
+            self.model.to(device)
+        return self
+
+    def toggle_autodiff(self, mode: bool = False) -> None:
+        torch.set_grad_enabled(mode)
+
+    def remove_batch_dim(self) -> "ActivationCache":
+        """Drop the batch dimension of a batch-1 cache (in place, as TransformerLens)."""
+        if not self.has_batch_dim:
+            return self
+        for name, value in self.cache_dict.items():
+            if value.shape[0] != 1:
+                raise ValueError(f"remove_batch_dim needs batch size 1, but {name} has batch {value.shape[0]}")
+        self.cache_dict = {k: v[0] for k, v in self.cache_dict.items()}
+        self.has_batch_dim = False
+        return self

@@ -1,0 +1,275 @@
+"""HookedTransformer: the object users hold, running fxhook's rewritten graph."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Literal, Sequence, Union
+
+import torch
+from torch import fx, nn
+
+from fxhook.adapter import Adapter
+from fxhook.compiler import GraphSpec, build_variant, capture_graph
+from fxhook.config import HookedTransformerConfig
+from fxhook.passes.graph_utils import hook_point_nodes
+from fxhook.runtime.cache import ActivationCache
+from fxhook.runtime.hook_point import HookPoint
+from fxhook.runtime.hooks import HookRegistry, HookSpec, NameOrFilter
+from fxhook.runtime.loading import LoadingMixin
+from fxhook.runtime.tokens import TokenizerMixin
+from fxhook.utils import lm_cross_entropy_loss
+
+ModelInput = Union[str, list[str], torch.Tensor]
+ReturnType = Literal["logits", "loss", "both"] | None
+
+
+class Output(tuple):
+    """(logits, loss), as TransformerLens returns for return_type="both"."""
+
+    def __new__(cls, logits: torch.Tensor, loss: torch.Tensor):
+        return super().__new__(cls, (logits, loss))
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self[0]
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self[1]
+
+
+class HookedTransformer(LoadingMixin, TokenizerMixin, nn.Module):
+    """A HF causal LM behind the TransformerLens HookedTransformer interface."""
+
+    def __init__(self, cfg: HookedTransformerConfig, *, hf_model: nn.Module | None = None,
+                 tokenizer=None, adapter: Adapter | None = None):
+        super().__init__()
+        if hf_model is None or adapter is None:
+            raise NotImplementedError(
+                "building a model from a config alone is not implemented yet; use "
+                "HookedTransformer.from_pretrained(...) or from_pretrained_no_processing(hf_model=...)")
+        self.cfg = cfg
+        self.adapter = adapter
+        self.tokenizer = tokenizer
+        self.captured = capture_graph(hf_model, adapter, cfg)
+        self._points: dict[str, HookPoint] = {}
+        self._variants: dict[GraphSpec, fx.GraphModule] = {}
+        self.hook_registry = HookRegistry(lambda: self.hook_dict)
+        self._set_tokenizer_defaults()
+
+    # ----------------------------------------------------------------- graphs
+    def _make_point(self, name: str) -> HookPoint:
+        if name not in self._points:
+            self._points[name] = HookPoint(name)
+        return self._points[name]
+
+    def graph_for(self, spec: GraphSpec) -> fx.GraphModule:
+        """The hooked GraphModule for `spec`, built once and reused."""
+        if spec not in self._variants:
+            self._variants[spec] = build_variant(self.captured, spec, self.cfg, self._make_point)
+        return self._variants[spec]
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        """The full hooked graph under the current flags."""
+        return self.graph_for(GraphSpec.from_cfg(self.cfg))
+
+    def _apply(self, fn, recurse=True):
+        # Variants may hold their own references to lifted constants: rebuild after a move.
+        self._variants.clear()
+        return super()._apply(fn, recurse)
+
+    @property
+    def hf_model(self) -> nn.Module:
+        return self.captured.hf
+
+    # ------------------------------------------------------------------ hooks
+    @property
+    def hook_dict(self) -> dict[str, HookPoint]:
+        """Every hook point of the model under the current flags, by TransformerLens name."""
+        gm = self.graph_module
+        return {name: gm.get_submodule(name) for name in hook_point_nodes(gm)}
+
+    @property
+    def mod_dict(self) -> dict[str, nn.Module]:
+        mods = dict(self.hf_model.named_modules())
+        mods.update(self.hook_dict)
+        return mods
+
+    def hook_points(self) -> list[HookPoint]:
+        return list(self.hook_dict.values())
+
+    def add_hook(self, name: NameOrFilter, hook: Callable, dir: Literal["fwd", "bwd"] = "fwd",
+                 is_permanent: bool = False, level: int | None = None, prepend: bool = False) -> None:
+        self.hook_registry.add(name, hook, dir=dir, is_permanent=is_permanent, prepend=prepend)
+
+    def add_perma_hook(self, name: NameOrFilter, hook: Callable, dir: Literal["fwd", "bwd"] = "fwd") -> None:
+        self.add_hook(name, hook, dir=dir, is_permanent=True)
+
+    def reset_hooks(self, clear_contexts: bool = True, direction: str = "both",
+                    including_permanent: bool = False, level: int | None = None) -> None:
+        self.hook_registry.reset(including_permanent, clear_contexts, all_points=self._points.values())
+
+    def remove_all_hook_fns(self, direction: str = "both", including_permanent: bool = False,
+                            level: int | None = None) -> None:
+        self.reset_hooks(False, direction, including_permanent)
+
+    def clear_contexts(self) -> None:
+        for point in self._points.values():
+            point.clear_context()
+
+    @contextlib.contextmanager
+    def hooks(self, fwd_hooks: Sequence[HookSpec] = (), bwd_hooks: Sequence[HookSpec] = (),
+              reset_hooks_end: bool = True, clear_contexts: bool = False) -> Iterator["HookedTransformer"]:
+        """`with model.hooks(fwd_hooks=[(name, fn)]): ...` attaches hooks for the block only."""
+        with self.hook_registry.attached(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts):
+            yield self
+
+    def run_with_hooks(self, *model_args: Any, fwd_hooks: Sequence[HookSpec] = (),
+                       bwd_hooks: Sequence[HookSpec] = (), reset_hooks_end: bool = True,
+                       clear_contexts: bool = False, **model_kwargs: Any):
+        if bwd_hooks and reset_hooks_end:
+            import warnings
+
+            warnings.warn("run_with_hooks removes its hooks when it returns, before any backward pass: "
+                          "use `with model.hooks(bwd_hooks=...)` and call backward inside it", stacklevel=2)
+        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts):
+            return self(*model_args, **model_kwargs)
+
+    def run_with_cache(self, *model_args: Any, names_filter: NameOrFilter | None = None,
+                       device: torch.device | str | None = None, remove_batch_dim: bool = False,
+                       incl_bwd: bool = False, reset_hooks_end: bool = True, clear_contexts: bool = False,
+                       pos_slice=None, return_cache_object: bool = True, **model_kwargs: Any):
+        """Run the model and keep the activations `names_filter` selects (all by default)."""
+        store: dict[str, torch.Tensor] = {}
+        selected = self._cache_selection(names_filter)
+
+        def keep(tag: str) -> Callable:
+            def save(x: torch.Tensor, hook: HookPoint) -> None:
+                value = x if incl_bwd and tag == "" else x.detach()
+                store[hook.name + tag] = value.to(device) if device is not None else value
+            return save
+
+        fwd = [(selected, keep(""))]
+        bwd = [(selected, keep("_grad"))] if incl_bwd else []
+        with self.hooks(fwd, bwd, reset_hooks_end, clear_contexts):
+            out = self(*model_args, **model_kwargs)
+            if incl_bwd:
+                if not isinstance(out, torch.Tensor) or out.numel() != 1:
+                    raise ValueError("run_with_cache(incl_bwd=True) backpropagates from the output, which must "
+                                     "be a scalar: pass return_type='loss'")
+                out.backward()
+        for name in list(store):
+            if not name.endswith("_grad"):
+                store[name] = store[name].detach()
+        cache = ActivationCache(store, self)
+        if remove_batch_dim:
+            cache.remove_batch_dim()
+        return out, (cache if return_cache_object else cache.cache_dict)
+
+    def _cache_selection(self, names_filter: NameOrFilter | None) -> Callable[[str], bool]:
+        if names_filter is None:
+            return lambda _name: True
+        if isinstance(names_filter, str):
+            self.hook_registry.select(names_filter)  # unknown names fail here, with suggestions
+            return lambda name: name == names_filter
+        if isinstance(names_filter, (list, tuple, set, frozenset)):
+            self.hook_registry.select(list(names_filter))
+            wanted = set(names_filter)
+            return lambda name: name in wanted
+        if callable(names_filter):
+            return names_filter
+        raise TypeError(f"names_filter must be a name, a list of names or a function, got {type(names_filter)}")
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, input: ModelInput, return_type: ReturnType = "logits", loss_per_token: bool = False,
+                prepend_bos: bool | None = None, padding_side: str | None = None,
+                start_at_layer: int | None = None, tokens: torch.Tensor | None = None,
+                stop_at_layer: int | None = None, attention_mask: torch.Tensor | None = None,
+                past_kv_cache=None, shortformer_pos_embed=None):
+        if past_kv_cache is not None:
+            raise NotImplementedError("past_kv_cache is not implemented yet (generation runtime)")
+        start, stop = self._layer_range(start_at_layer, stop_at_layer)
+        if start is None:
+            tokens, attention_mask = self.input_to_tokens(input, prepend_bos, padding_side, attention_mask)
+            residual = None
+        else:
+            residual = input
+            if tokens is None:
+                tokens = torch.zeros(residual.shape[:2], dtype=torch.long, device=residual.device)
+            if attention_mask is None:
+                attention_mask = torch.ones(residual.shape[:2], dtype=torch.long, device=residual.device)
+        self._check_context_length(tokens)
+        gm = self.graph_for(GraphSpec.from_cfg(self.cfg, start, stop))
+        args = (tokens, attention_mask) if residual is None else (tokens, attention_mask, residual)
+        out = gm(*args)
+        if stop is not None or return_type is None:
+            return None if (return_type is None and stop is None) else out
+        if return_type == "logits":
+            return out
+        if tokens is None or start is not None and return_type != "logits":
+            raise ValueError("a loss needs the input tokens: pass tokens= with start_at_layer")
+        loss = lm_cross_entropy_loss(out, tokens, attention_mask if self._masked(attention_mask) else None,
+                                     per_token=loss_per_token)
+        if return_type == "loss":
+            return loss
+        if return_type == "both":
+            return Output(out, loss)
+        raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+
+    @staticmethod
+    def _masked(attention_mask: torch.Tensor) -> bool:
+        return bool((attention_mask == 0).any())
+
+    def _layer_range(self, start: int | None, stop: int | None) -> tuple[int | None, int | None]:
+        n = self.cfg.n_layers
+        if start is not None:
+            start = start + n if start < 0 else start
+            if not 0 <= start < n:
+                raise ValueError(f"start_at_layer must be in [-{n}, {n}), got {start}")
+        if stop is not None:
+            stop = stop + n if stop < 0 else stop
+            if not 0 <= stop <= n:
+                raise ValueError(f"stop_at_layer must be in [-{n}, {n}], got {stop}")
+        return start, stop
+
+    def _check_context_length(self, tokens: torch.Tensor) -> None:
+        if tokens.shape[-1] > self.cfg.n_ctx:
+            raise ValueError(f"the input has {tokens.shape[-1]} positions but the model's context is "
+                             f"n_ctx={self.cfg.n_ctx}; shorten the prompt (or truncate it, e.g. "
+                             f"tokens[:, -{self.cfg.n_ctx}:])")
+
+    # ---------------------------------------------------------------- devices
+    def to(self, *args, **kwargs) -> "HookedTransformer":  # type: ignore[override]
+        result = super().to(*args, **kwargs)
+        param = next(self.parameters())
+        self.cfg.device = str(param.device)
+        self.cfg.dtype = param.dtype
+        return result
+
+    def cuda(self, device=None) -> "HookedTransformer":  # type: ignore[override]
+        return self.to(torch.device("cuda", device) if isinstance(device, int) else (device or "cuda"))
+
+    def cpu(self) -> "HookedTransformer":  # type: ignore[override]
+        return self.to("cpu")
+
+    def move_model_modules_to_device(self) -> None:
+        self.to(self.cfg.device)
+
+    # ------------------------------------------------------------------ flags
+    def _set_flag(self, name: str, value: bool) -> None:
+        setattr(self.cfg, name, bool(value))
+
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        self._set_flag("use_attn_result", use_attn_result)
+
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        self._set_flag("use_split_qkv_input", use_split_qkv_input)
+
+    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
+        self._set_flag("use_hook_mlp_in", use_hook_mlp_in)
+
+    def set_use_attn_in(self, use_attn_in: bool) -> None:
+        self._set_flag("use_attn_in", use_attn_in)
+
+    def set_ungroup_grouped_query_attention(self, ungroup_grouped_query_attention: bool) -> None:
+        self._set_flag("ungroup_grouped_query_attention", ungroup_grouped_query_attention)
