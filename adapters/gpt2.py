@@ -1,5 +1,6 @@
 """GPT-2: LayerNorm, learned absolute positions, fused c_attn (Conv1D), GELU MLP."""
 from fxhook.adapter import Adapter, Site
+from fxhook.weights import Projection
 
 GPT2 = Adapter(
     architectures=("GPT2LMHeadModel",),
@@ -16,4 +17,8 @@ GPT2 = Adapter(
     positional="absolute",
     mlp_pre=Site("mlp.c_fc"),
     mlp_post=Site("mlp.c_proj", side="input"),
+    q_proj=Projection("attn.c_attn", "conv1d", chunk=0, n_chunks=3),
+    k_proj=Projection("attn.c_attn", "conv1d", chunk=1, n_chunks=3),
+    v_proj=Projection("attn.c_attn", "conv1d", chunk=2, n_chunks=3),
+    o_proj=Projection("attn.c_proj", "conv1d"),
 )

@@ -1,5 +1,6 @@
 """Llama family (Llama, Mistral, Qwen2, SmolLM2): RMSNorm, rotary, gated SiLU MLP."""
 from fxhook.adapter import Adapter, Site
+from fxhook.weights import Projection
 
 LLAMA = Adapter(
     architectures=("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"),
@@ -19,4 +20,8 @@ LLAMA = Adapter(
     mlp_pre_linear=Site("mlp.up_proj"),
     mlp_post=Site("mlp.down_proj", side="input"),
     gated_mlp=True,
+    q_proj=Projection("self_attn.q_proj"),
+    k_proj=Projection("self_attn.k_proj"),
+    v_proj=Projection("self_attn.v_proj"),
+    o_proj=Projection("self_attn.o_proj"),
 )

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from fxhook.weights import Projection
+
 NormKind = Literal["layernorm", "rmsnorm", "rmsnorm_plus_one"]
 PositionalKind = Literal["absolute", "rotary"]
 
@@ -47,6 +49,11 @@ class Adapter:
     mlp_pre_linear: Site | None = None
     mlp_post: Site | None = None
     gated_mlp: bool = False
+    # attention projections (block-relative), for weight views and per-head rewrites
+    q_proj: Projection | None = None
+    k_proj: Projection | None = None
+    v_proj: Projection | None = None
+    o_proj: Projection | None = None
     # how to read the norm's epsilon from the module
     norm_eps_attr: tuple[str, ...] = ("eps", "variance_epsilon")
     extra: dict = field(default_factory=dict)

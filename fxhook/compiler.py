@@ -46,14 +46,14 @@ def capture_graph(hf_model: nn.Module, adapter: Adapter, cfg: HookedTransformerC
     return plain_codegen(capture(hf_model, adapter, cfg.n_heads, cfg.n_kv_heads))
 
 
-def build_variant(captured: fx.GraphModule, spec: GraphSpec, cfg: HookedTransformerConfig,
+def build_variant(captured: fx.GraphModule, spec: GraphSpec, cfg: HookedTransformerConfig, adapter: Adapter,
                   make_point: Callable[[str], HookPoint] = HookPoint) -> fx.GraphModule:
     """The runnable hooked graph for `spec`: HookPoint modules at every contract site."""
     from fxhook.passes.flag_hooks import apply_flag_passes
 
     gm = copy_graph_module(captured)
     gm = lower_attention(gm)
-    gm = apply_flag_passes(gm, spec, cfg)
+    gm = apply_flag_passes(gm, spec, cfg, adapter)
     gm = insert_hook_points(gm, make_point)
     if spec.start_at_layer is not None or spec.stop_at_layer is not None:
         gm = slice_layers(gm, cfg.n_layers, spec.start_at_layer, spec.stop_at_layer)

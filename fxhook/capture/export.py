@@ -33,7 +33,11 @@ class CausalLMRoot(nn.Module):
 
 
 def capture(hf_model: nn.Module, adapter: Adapter, n_heads: int, n_kv_heads: int) -> torch.fx.GraphModule:
-    """Export `hf_model` with markers; returns the exported module's GraphModule."""
+    """Export `hf_model` with markers; returns the exported module's GraphModule.
+
+    The GraphModule holds the HF parameters (shared, under `hf.`) in a module
+    tree of its own; `gm.meta["norm_eps"]` keeps each norm's epsilon.
+    """
     was_training = hf_model.training
     hf_model.eval()
     root = CausalLMRoot(hf_model)
@@ -42,8 +46,10 @@ def capture(hf_model: nn.Module, adapter: Adapter, n_heads: int, n_kv_heads: int
     mask = torch.ones((2, 8), dtype=torch.long, device=device)
     dims = {0: Dim.DYNAMIC, 1: Dim.DYNAMIC}
     try:
-        with torch.no_grad(), instrumented(hf_model, adapter, n_heads, n_kv_heads):
+        with torch.no_grad(), instrumented(hf_model, adapter, n_heads, n_kv_heads) as norm_eps:
             ep = torch.export.export(root, (ids, mask), dynamic_shapes=(dims, dims), strict=False)
     finally:
         hf_model.train(was_training)
-    return ep.module()
+    gm = ep.module()
+    gm.meta["norm_eps"] = dict(norm_eps)
+    return gm

@@ -44,7 +44,7 @@ def _mark_split(x: torch.Tensor, name: str, split_heads: int | None) -> torch.Te
     return hook_marker(x.unflatten(-1, (split_heads, -1)), name).reshape(shape)
 
 
-def _norm_eps(module: nn.Module, adapter: Adapter) -> float:
+def norm_eps(module: nn.Module, adapter: Adapter) -> float:
     for attr in adapter.norm_eps_attr:
         if hasattr(module, attr):
             return float(getattr(module, attr))
@@ -58,6 +58,7 @@ class _Instrumenter:
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads
         self.handles: list = []
+        self.norm_eps: dict[str, float] = {}  # hook prefix ("blocks.0.ln1.") -> epsilon
         self.patched_forwards: list[nn.Module] = []
 
     def mark_output(self, module: nn.Module, name: str, split_heads: int | None = None) -> None:
@@ -87,7 +88,8 @@ class _Instrumenter:
             self.mark_input(module, (name,))
 
     def patch_norm(self, module: nn.Module, prefix: str) -> None:
-        eps = _norm_eps(module, self.adapter)
+        eps = norm_eps(module, self.adapter)
+        self.norm_eps[prefix] = eps
         kind = self.adapter.norm_kind
 
         def forward(mod, x):
@@ -129,8 +131,13 @@ class _Instrumenter:
 
 
 @contextlib.contextmanager
-def instrumented(hf_model: nn.Module, adapter: Adapter, n_heads: int, n_kv_heads: int) -> Iterator[None]:
-    """Within the block, running `hf_model` emits fxhook markers at every hook site."""
+def instrumented(hf_model: nn.Module, adapter: Adapter, n_heads: int, n_kv_heads: int
+                 ) -> Iterator[dict[str, float]]:
+    """Within the block, running `hf_model` emits fxhook markers at every hook site.
+
+    Yields the epsilon of each norm by hook prefix (the exported graph keeps
+    parameters but not the HF modules' attributes).
+    """
     hf_attention.register()
     previous_impl = hf_model.config._attn_implementation
     inst = _Instrumenter(adapter, n_heads, n_kv_heads)
@@ -141,7 +148,7 @@ def instrumented(hf_model: nn.Module, adapter: Adapter, n_heads: int, n_kv_heads
         settings.mark_rotated = adapter.rotary
         hf_model.set_attn_implementation(hf_attention.IMPLEMENTATION_NAME)
         inst.install(hf_model)
-        yield
+        yield inst.norm_eps
     finally:
         inst.remove()
         settings.mark_qk_here, settings.mark_rotated = saved

@@ -1,10 +1,12 @@
-"""Passes for TransformerLens's flag-gated hooks (use_hook_mlp_in, use_attn_result, ...)."""
+"""Apply the passes for TransformerLens's flag-gated hooks to one graph variant."""
 from __future__ import annotations
 
 from torch import fx
 
+from fxhook.adapter import Adapter
 from fxhook.config import HookedTransformerConfig
 from fxhook.passes.graph_utils import hook_markers
+from fxhook.passes.per_head import split_attn_result, split_qkv_input
 
 
 def drop_markers(gm: fx.GraphModule, suffix: str) -> fx.GraphModule:
@@ -16,10 +18,13 @@ def drop_markers(gm: fx.GraphModule, suffix: str) -> fx.GraphModule:
     return gm
 
 
-def apply_flag_passes(gm: fx.GraphModule, spec, cfg: HookedTransformerConfig) -> fx.GraphModule:
+def apply_flag_passes(gm: fx.GraphModule, spec, cfg: HookedTransformerConfig, adapter: Adapter) -> fx.GraphModule:
     if not spec.use_hook_mlp_in:
         gm = drop_markers(gm, ".hook_mlp_in")
-    for flag in ("use_attn_result", "use_split_qkv_input", "use_attn_in", "ungroup_grouped_query_attention"):
-        if getattr(spec, flag):
-            raise NotImplementedError(f"{flag} is not implemented yet")
+    if spec.use_split_qkv_input or spec.use_attn_in:
+        gm = split_qkv_input(gm, adapter, cfg, split=spec.use_split_qkv_input, attn_in=spec.use_attn_in)
+    if spec.use_attn_result:
+        gm = split_attn_result(gm, adapter, cfg)
+    if spec.ungroup_grouped_query_attention and cfg.n_kv_heads != cfg.n_heads:
+        raise NotImplementedError("ungroup_grouped_query_attention is not implemented yet")
     return gm

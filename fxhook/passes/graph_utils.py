@@ -50,7 +50,9 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     value_map: dict[fx.Node, fx.Node] = {}
     result = graph.graph_copy(gm.graph, value_map)
     graph.output(result)
-    return fx.GraphModule(gm, graph)
+    new = fx.GraphModule(gm, graph)
+    new.meta = dict(gm.meta)
+    return new
 
 
 def finish(gm: fx.GraphModule) -> fx.GraphModule:

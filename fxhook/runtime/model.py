@@ -65,7 +65,7 @@ class HookedTransformer(LoadingMixin, TokenizerMixin, nn.Module):
     def graph_for(self, spec: GraphSpec) -> fx.GraphModule:
         """The hooked GraphModule for `spec`, built once and reused."""
         if spec not in self._variants:
-            self._variants[spec] = build_variant(self.captured, spec, self.cfg, self._make_point)
+            self._variants[spec] = build_variant(self.captured, spec, self.cfg, self.adapter, self._make_point)
         return self._variants[spec]
 
     @property

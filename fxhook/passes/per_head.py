@@ -1,0 +1,100 @@
+"""Passes that split attention per head: TransformerLens's use_attn_result,
+use_split_qkv_input and use_attn_in.
+
+They rewrite a layer's projections as per-head einsums over weight views read
+from the HF parameters, so a hook on one head's result or input changes only
+that head. The old fused path becomes dead code and is removed.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx
+from torch.fx.proxy import GraphAppendingTracer, Proxy
+
+from fxhook.adapter import Adapter
+from fxhook.capture.norms import hooked_norm
+from fxhook.capture.ops import hook_op
+from fxhook.config import HookedTransformerConfig
+from fxhook.passes.graph_params import BlockParams
+from fxhook.passes.graph_utils import finish, hook_markers
+
+
+def _markers_by_name(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    return {m.args[1]: m for m in hook_markers(gm.graph)}
+
+
+def _require(adapter: Adapter, *fields: str) -> None:
+    missing = [f for f in fields if getattr(adapter, f) is None]
+    if missing:
+        raise NotImplementedError(f"the {adapter.architectures[0]} adapter does not describe {missing}; "
+                                  f"per-head hooks need them (add Projection entries in adapters/)")
+
+
+def split_attn_result(gm: fx.GraphModule, adapter: Adapter, cfg: HookedTransformerConfig) -> fx.GraphModule:
+    """attn_out = sum_h hook_result[b, p, h, d_model] + b_O."""
+    _require(adapter, "o_proj")
+    markers = _markers_by_name(gm)
+    tracer = GraphAppendingTracer(gm.graph)
+    for layer in range(cfg.n_layers):
+        z_node = markers[f"blocks.{layer}.attn.hook_z"]
+        out_node = markers[f"blocks.{layer}.hook_attn_out"]
+        with gm.graph.inserting_before(out_node):
+            params = BlockParams(gm, adapter, layer, tracer)
+            w_o, b_o = params.output_projection(adapter.o_proj, cfg.n_heads, cfg.d_head)
+            z = Proxy(z_node, tracer)
+            result = torch.einsum("bphd,hdm->bphm", z.to(w_o.dtype), w_o)
+            result = hook_op(result, f"blocks.{layer}.attn.hook_result")
+            out = result.sum(dim=2)
+            if b_o is not None:
+                out = out + b_o
+        out_node.args = (out.node, out_node.args[1])
+    return finish(gm)
+
+
+def _repeat_heads(x: Proxy, n_heads: int) -> Proxy:
+    """[b, p, d_model] -> [b, p, n_heads, d_model] (a copy, so each head's input is its own)."""
+    return x.unsqueeze(2).expand(-1, -1, n_heads, -1).clone()
+
+
+def split_qkv_input(gm: fx.GraphModule, adapter: Adapter, cfg: HookedTransformerConfig,
+                    split: bool, attn_in: bool) -> fx.GraphModule:
+    """q/k/v computed per head from per-head copies of resid_pre, each through ln1.
+
+    split (use_split_qkv_input): hook_q_input / hook_k_input / hook_v_input;
+    attn_in (use_attn_in): one hook_attn_in shared by q, k and v.
+    """
+    _require(adapter, "q_proj", "k_proj", "v_proj")
+    if attn_in and not split and cfg.n_kv_heads != cfg.n_heads:
+        raise NotImplementedError("use_attn_in gives every query head its own input, which grouped-query "
+                                  "attention cannot use for its shared keys/values; use "
+                                  "set_use_split_qkv_input(True) instead")
+    markers = _markers_by_name(gm)
+    tracer = GraphAppendingTracer(gm.graph)
+    heads = {"q": cfg.n_heads, "k": cfg.n_kv_heads, "v": cfg.n_kv_heads}
+    for layer in range(cfg.n_layers):
+        p = f"blocks.{layer}."
+        first = min((markers[p + f"attn.hook_{x}"] for x in "qkv"), key=_position(gm.graph))
+        resid = markers[p + "hook_resid_pre"]
+        with gm.graph.inserting_before(first):
+            params = BlockParams(gm, adapter, layer, tracer)
+            ln_w, ln_b, eps = params.norm(adapter.ln1, p + "ln1.")
+            resid_proxy = Proxy(resid, tracer)
+            shared = hook_op(_repeat_heads(resid_proxy, cfg.n_heads), p + "hook_attn_in") if attn_in else None
+            for x in "qkv":
+                if split:
+                    inp = hook_op(_repeat_heads(resid_proxy, heads[x]), p + f"hook_{x}_input")
+                else:
+                    inp = shared
+                normed = hooked_norm(inp, ln_w, ln_b, eps, adapter.norm_kind, p + "ln1.")
+                w, b = params.input_projection(getattr(adapter, f"{x}_proj"), heads[x], cfg.d_head)
+                value = torch.einsum("bphm,hmd->bphd", normed.to(w.dtype), w)
+                if b is not None:
+                    value = value + b
+                target = markers[p + f"attn.hook_{x}"]
+                target.args = (value.node, target.args[1])
+    return finish(gm)
+
+
+def _position(graph: fx.Graph):
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return lambda node: order[node]
