@@ -41,9 +41,10 @@ class GraphSpec:
                    cfg.ungroup_grouped_query_attention, start, stop)
 
 
-def capture_graph(hf_model: nn.Module, adapter: Adapter, cfg: HookedTransformerConfig) -> fx.GraphModule:
+def capture_graph(hf_model: nn.Module, adapter: Adapter, cfg: HookedTransformerConfig,
+                  n_kv_heads: int | None = None) -> fx.GraphModule:
     """HF model -> GraphModule(input_ids [b, p], attention_mask [b, p]) -> logits, with markers."""
-    return plain_codegen(capture(hf_model, adapter, cfg.n_heads, cfg.n_kv_heads))
+    return plain_codegen(capture(hf_model, adapter, cfg.n_heads, n_kv_heads or cfg.n_kv_heads))
 
 
 def build_variant(captured: fx.GraphModule, spec: GraphSpec, cfg: HookedTransformerConfig, adapter: Adapter,

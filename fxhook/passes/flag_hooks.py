@@ -22,9 +22,8 @@ def apply_flag_passes(gm: fx.GraphModule, spec, cfg: HookedTransformerConfig, ad
     if not spec.use_hook_mlp_in:
         gm = drop_markers(gm, ".hook_mlp_in")
     if spec.use_split_qkv_input or spec.use_attn_in:
-        gm = split_qkv_input(gm, adapter, cfg, split=spec.use_split_qkv_input, attn_in=spec.use_attn_in)
+        gm = split_qkv_input(gm, adapter, cfg, split=spec.use_split_qkv_input, attn_in=spec.use_attn_in,
+                             ungrouped=spec.ungroup_grouped_query_attention)
     if spec.use_attn_result:
         gm = split_attn_result(gm, adapter, cfg)
-    if spec.ungroup_grouped_query_attention and cfg.n_kv_heads != cfg.n_heads:
-        raise NotImplementedError("ungroup_grouped_query_attention is not implemented yet")
     return gm

@@ -57,20 +57,21 @@ def _repeat_heads(x: Proxy, n_heads: int) -> Proxy:
 
 
 def split_qkv_input(gm: fx.GraphModule, adapter: Adapter, cfg: HookedTransformerConfig,
-                    split: bool, attn_in: bool) -> fx.GraphModule:
+                    split: bool, attn_in: bool, ungrouped: bool = False) -> fx.GraphModule:
     """q/k/v computed per head from per-head copies of resid_pre, each through ln1.
 
     split (use_split_qkv_input): hook_q_input / hook_k_input / hook_v_input;
     attn_in (use_attn_in): one hook_attn_in shared by q, k and v.
     """
     _require(adapter, "q_proj", "k_proj", "v_proj")
-    if attn_in and not split and cfg.n_kv_heads != cfg.n_heads:
+    if attn_in and not split and cfg.n_kv_heads != cfg.n_heads and not ungrouped:
         raise NotImplementedError("use_attn_in gives every query head its own input, which grouped-query "
                                   "attention cannot use for its shared keys/values; use "
                                   "set_use_split_qkv_input(True) instead")
     markers = _markers_by_name(gm)
     tracer = GraphAppendingTracer(gm.graph)
-    heads = {"q": cfg.n_heads, "k": cfg.n_kv_heads, "v": cfg.n_kv_heads}
+    n_kv = cfg.n_heads if ungrouped else cfg.n_kv_heads
+    heads = {"q": cfg.n_heads, "k": n_kv, "v": n_kv}
     for layer in range(cfg.n_layers):
         p = f"blocks.{layer}."
         first = min((markers[p + f"attn.hook_{x}"] for x in "qkv"), key=_position(gm.graph))

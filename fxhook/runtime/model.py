@@ -50,7 +50,9 @@ class HookedTransformer(LoadingMixin, TokenizerMixin, nn.Module):
         self.cfg = cfg
         self.adapter = adapter
         self.tokenizer = tokenizer
+        self.__dict__["hf_model"] = hf_model  # kept unregistered: the graph holds its parameters
         self.captured = capture_graph(hf_model, adapter, cfg)
+        self.__dict__["_captured_ungrouped"] = None
         self._points: dict[str, HookPoint] = {}
         self._variants: dict[GraphSpec, fx.GraphModule] = {}
         self.hook_registry = HookRegistry(lambda: self.hook_dict)
@@ -65,8 +67,20 @@ class HookedTransformer(LoadingMixin, TokenizerMixin, nn.Module):
     def graph_for(self, spec: GraphSpec) -> fx.GraphModule:
         """The hooked GraphModule for `spec`, built once and reused."""
         if spec not in self._variants:
-            self._variants[spec] = build_variant(self.captured, spec, self.cfg, self.adapter, self._make_point)
+            self._variants[spec] = build_variant(self._captured_for(spec), spec, self.cfg, self.adapter,
+                                                 self._make_point)
         return self._variants[spec]
+
+    def _captured_for(self, spec: GraphSpec) -> fx.GraphModule:
+        if not spec.ungroup_grouped_query_attention or self.cfg.n_kv_heads == self.cfg.n_heads:
+            return self.captured
+        if self._captured_ungrouped is None:
+            from fxhook.capture.ungroup import ungrouped_twin
+
+            twin = ungrouped_twin(self.hf_model, self.adapter, self.cfg.n_heads, self.cfg.n_kv_heads)
+            captured = capture_graph(twin, self.adapter, self.cfg, n_kv_heads=self.cfg.n_heads)
+            self.__dict__["_captured_ungrouped"] = captured
+        return self._captured_ungrouped
 
     @property
     def graph_module(self) -> fx.GraphModule:
@@ -76,11 +90,9 @@ class HookedTransformer(LoadingMixin, TokenizerMixin, nn.Module):
     def _apply(self, fn, recurse=True):
         # Variants may hold their own references to lifted constants: rebuild after a move.
         self._variants.clear()
+        self.__dict__["_captured_ungrouped"] = None
+        self.hf_model._apply(fn, recurse)  # its buffers are its own; parameters are shared (idempotent)
         return super()._apply(fn, recurse)
-
-    @property
-    def hf_model(self) -> nn.Module:
-        return self.captured.hf
 
     # ------------------------------------------------------------------ hooks
     @property
