@@ -21,4 +21,6 @@ GPT2 = Adapter(
     k_proj=Projection("attn.c_attn", "conv1d", chunk=1, n_chunks=3),
     v_proj=Projection("attn.c_attn", "conv1d", chunk=2, n_chunks=3),
     o_proj=Projection("attn.c_proj", "conv1d"),
+    mlp_in=Projection("mlp.c_fc", "conv1d"),
+    mlp_out=Projection("mlp.c_proj", "conv1d"),
 )

@@ -24,4 +24,7 @@ LLAMA = Adapter(
     k_proj=Projection("self_attn.k_proj"),
     v_proj=Projection("self_attn.v_proj"),
     o_proj=Projection("self_attn.o_proj"),
+    mlp_in=Projection("mlp.up_proj"),
+    mlp_gate=Projection("mlp.gate_proj"),
+    mlp_out=Projection("mlp.down_proj"),
 )

@@ -54,9 +54,18 @@ class Adapter:
     k_proj: Projection | None = None
     v_proj: Projection | None = None
     o_proj: Projection | None = None
+    # MLP projections (block-relative): TransformerLens's W_in (the linear/up branch), W_gate, W_out
+    mlp_in: Projection | None = None
+    mlp_gate: Projection | None = None
+    mlp_out: Projection | None = None
     # how to read the norm's epsilon from the module
     norm_eps_attr: tuple[str, ...] = ("eps", "variance_epsilon")
     extra: dict = field(default_factory=dict)
+
+    @property
+    def neutral_norm_weight(self) -> float:
+        """The norm weight that leaves the normalised input unchanged."""
+        return 0.0 if self.norm_kind == "rmsnorm_plus_one" else 1.0
 
     @property
     def rotary(self) -> bool:

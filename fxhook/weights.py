@@ -50,3 +50,9 @@ def read_output_projection(weight: torch.Tensor, bias: torch.Tensor | None, proj
     """W_O [heads, d_head, d_model] and b_O [d_model]."""
     w = in_out(weight, proj.layout)  # [heads * d_head, d_model]
     return w.unflatten(0, (n_heads, d_head)), bias
+
+
+def read_mlp_projection(weight: torch.Tensor, bias: torch.Tensor | None, proj: Projection
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """W [in, out] (W_in/W_gate: [d_model, d_mlp]; W_out: [d_mlp, d_model]) and b [out]."""
+    return in_out(weight, proj.layout), bias

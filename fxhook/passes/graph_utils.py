@@ -36,6 +36,9 @@ def plain_codegen(gm: fx.GraphModule) -> fx.GraphModule:
     """Drop export's pytree in/out handling so passes can add or remove placeholders freely."""
     gm.graph._codegen = fx.graph.CodeGen()
     gm._forward_pre_hooks.clear()
+    for node in list(gm.graph.nodes):  # export's input-guard module is a no-op here
+        if node.op == "call_module" and node.target == "_guards_fn":
+            gm.graph.erase_node(node)
     output = output_node(gm.graph)
     (result,) = output.args
     if isinstance(result, (tuple, list)) and len(result) == 1:

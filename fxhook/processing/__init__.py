@@ -1,0 +1,58 @@
+"""Weight processing: TransformerLens's fold_ln / centring / value-bias folding on a HF model."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from fxhook.adapter import Adapter
+from fxhook.config import HookedTransformerConfig
+from fxhook.processing import transforms
+from fxhook.processing.weight_dict import bias_homes, ensure_bias, live_weights, untie_unembed
+
+
+def process_hf_weights(hf_model: nn.Module, adapter: Adapter, cfg: HookedTransformerConfig, *,
+                       fold_ln: bool = True, center_writing_weights: bool = True, center_unembed: bool = True,
+                       fold_value_biases: bool = True, refactor_factored_attn_matrices: bool = False) -> None:
+    """Rewrite `hf_model`'s parameters in place (the caller captures it afterwards)."""
+    if refactor_factored_attn_matrices:
+        raise NotImplementedError("refactor_factored_attn_matrices is not implemented yet")
+    layer_norm = adapter.norm_kind == "layernorm"
+    if center_writing_weights and not layer_norm:
+        warnings.warn("center_writing_weights only applies to LayerNorm models (an RMSNorm does not remove "
+                      "the mean); skipped", stacklevel=3)
+        center_writing_weights = False
+    if fold_ln or center_unembed:
+        untie_unembed(hf_model, adapter)
+    with torch.no_grad():
+        sd = {k: v.detach().clone() for k, v in live_weights(hf_model, adapter, cfg).items()}
+        if fold_ln:
+            sd = transforms.fold_layer_norm(sd, cfg.n_layers, adapter.norm_kind)
+        if center_writing_weights:
+            sd = transforms.center_writing_weights(sd, cfg.n_layers)
+        if center_unembed:
+            sd = transforms.center_unembed(sd)
+        if fold_value_biases:
+            sd = transforms.fold_value_biases(sd, cfg.n_layers, cfg.n_heads)
+        _write_back(hf_model, adapter, cfg, sd)
+    if fold_ln:
+        cfg.layer_norm_folding = True
+        cfg.normalization_type = "LNPre" if layer_norm else "RMSPre"
+
+
+def _write_back(hf_model: nn.Module, adapter: Adapter, cfg: HookedTransformerConfig, sd: dict) -> None:
+    live = live_weights(hf_model, adapter, cfg)
+    created = [k for k in sd if k not in live and bool(sd[k].abs().max() > 0)]
+    if created:
+        homes = bias_homes(hf_model, adapter, cfg)
+        for key in created:
+            if key not in homes:
+                raise NotImplementedError(f"processing produced a bias {key} that the HF model has no place "
+                                          f"for; turn off the flag that produced it")
+            module, size = homes[key]
+            ensure_bias(module, size)
+        live = live_weights(hf_model, adapter, cfg)
+    for key, value in sd.items():
+        if key in live:
+            live[key].copy_(value)

@@ -1,0 +1,87 @@
+"""Weight canonicalisation as pure functions: TransformerLens-layout weight dict in, new dict out.
+
+Each function does one thing and leaves the model's function unchanged
+(log-probabilities exactly; logits too except center_unembed, which shifts
+every logit of a position by the same amount).
+"""
+from __future__ import annotations
+
+import torch
+
+Weights = dict[str, torch.Tensor]
+
+_READERS = {  # norm -> the (weight, bias) pairs that read its output
+    "ln1": (("attn.W_Q", "attn.b_Q"), ("attn.W_K", "attn.b_K"), ("attn.W_V", "attn.b_V")),
+    "ln2": (("mlp.W_in", "mlp.b_in"), ("mlp.W_gate", "mlp.b_gate")),
+}
+
+
+def _fold_norm(sd: Weights, norm: str, readers: list[tuple[str, str]], norm_kind: str) -> None:
+    weight, bias = sd.get(norm + ".w"), sd.get(norm + ".b")
+    scale = None if weight is None else (1.0 + weight if norm_kind == "rmsnorm_plus_one" else weight)
+    for w_key, b_key in readers:
+        if w_key not in sd:
+            continue
+        w = sd[w_key]  # [..., d_model, out]
+        if bias is not None:
+            sd[b_key] = sd.get(b_key, 0.0) + (bias[:, None] * w).sum(-2)
+        if scale is not None:
+            w = w * scale[:, None]
+        if norm_kind == "layernorm":  # the normalised input has mean 0: centre the readers too
+            w = w - w.mean(-2, keepdim=True)
+        sd[w_key] = w
+    if weight is not None:
+        sd[norm + ".w"] = torch.full_like(weight, 0.0 if norm_kind == "rmsnorm_plus_one" else 1.0)
+    if bias is not None:
+        sd[norm + ".b"] = torch.zeros_like(bias)
+
+
+def fold_layer_norm(sd: Weights, n_layers: int, norm_kind: str) -> Weights:
+    """Fold each norm's weight (and bias) into the projections that read it."""
+    sd = dict(sd)
+    for layer in range(n_layers):
+        p = f"blocks.{layer}."
+        for norm, readers in _READERS.items():
+            _fold_norm(sd, p + norm, [(p + w, p + b) for w, b in readers], norm_kind)
+    _fold_norm(sd, "ln_final", [("unembed.W_U", "unembed.b_U")], norm_kind)
+    return sd
+
+
+def _centre_last(sd: Weights, key: str) -> None:
+    if key in sd:
+        sd[key] = sd[key] - sd[key].mean(-1, keepdim=True)
+
+
+def center_writing_weights(sd: Weights, n_layers: int) -> Weights:
+    """Weights writing to the residual stream get zero mean along d_model (LayerNorm models only:
+    the next LayerNorm removes that mean anyway)."""
+    sd = dict(sd)
+    for key in ("embed.W_E", "pos_embed.W_pos"):
+        _centre_last(sd, key)
+    for layer in range(n_layers):
+        for key in ("attn.W_O", "attn.b_O", "mlp.W_out", "mlp.b_out"):
+            _centre_last(sd, f"blocks.{layer}.{key}")
+    return sd
+
+
+def center_unembed(sd: Weights) -> Weights:
+    """W_U (and b_U) get zero mean over the vocabulary: logits shift by a per-position constant."""
+    sd = dict(sd)
+    _centre_last(sd, "unembed.W_U")
+    _centre_last(sd, "unembed.b_U")
+    return sd
+
+
+def fold_value_biases(sd: Weights, n_layers: int, n_heads: int) -> Weights:
+    """b_O += sum over heads of b_V @ W_O, then b_V = 0: pattern rows sum to 1, so a value bias
+    reaches the output as a constant."""
+    sd = dict(sd)
+    for layer in range(n_layers):
+        p = f"blocks.{layer}.attn."
+        if p + "b_V" not in sd:
+            continue
+        b_v = sd[p + "b_V"]  # [kv_heads, d_head]
+        per_head = b_v.repeat_interleave(n_heads // b_v.shape[0], dim=0)  # [heads, d_head]
+        sd[p + "b_O"] = sd.get(p + "b_O", 0.0) + torch.einsum("hd,hdm->m", per_head, sd[p + "W_O"])
+        sd[p + "b_V"] = torch.zeros_like(b_v)
+    return sd
