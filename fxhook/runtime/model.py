@@ -43,10 +43,14 @@ class HookedTransformer(LoadingMixin, TokenizerMixin, nn.Module):
     def __init__(self, cfg: HookedTransformerConfig, *, hf_model: nn.Module | None = None,
                  tokenizer=None, adapter: Adapter | None = None):
         super().__init__()
-        if hf_model is None or adapter is None:
-            raise NotImplementedError(
-                "building a model from a config alone is not implemented yet; use "
-                "HookedTransformer.from_pretrained(...) or from_pretrained_no_processing(hf_model=...)")
+        if hf_model is None:  # a model from a config (or a TransformerLens-style dict) alone, initialised
+            from fxhook.from_config import build_from_config
+
+            cfg, hf_model, adapter = build_from_config(cfg)
+        elif adapter is None:
+            from fxhook.runtime.loading import find_adapter
+
+            adapter = find_adapter(hf_model)
         self.cfg = cfg
         self.adapter = adapter
         self.tokenizer = tokenizer
@@ -86,6 +90,28 @@ class HookedTransformer(LoadingMixin, TokenizerMixin, nn.Module):
     def graph_module(self) -> fx.GraphModule:
         """The full hooked graph under the current flags."""
         return self.graph_for(GraphSpec.from_cfg(self.cfg))
+
+    def _recapture(self) -> None:
+        """Capture the HF model again (after its parameters were replaced); hooks stay attached by name."""
+        self.captured = capture_graph(self.hf_model, self.adapter, self.cfg)
+        self.__dict__["_captured_ungrouped"] = None
+        self._variants.clear()
+
+    def process_weights_(self, fold_ln: bool = True, center_writing_weights: bool = True,
+                         center_unembed: bool = True, fold_value_biases: bool = True,
+                         refactor_factored_attn_matrices: bool = False) -> "HookedTransformer":
+        """Canonicalise the weights in place (TransformerLens's processing); idempotent.
+
+        The HF model this wraps is edited too: pass a copy if you need the original.
+        """
+        from fxhook.processing import process_hf_weights
+
+        process_hf_weights(self.hf_model, self.adapter, self.cfg, fold_ln=fold_ln,
+                           center_writing_weights=center_writing_weights, center_unembed=center_unembed,
+                           fold_value_biases=fold_value_biases,
+                           refactor_factored_attn_matrices=refactor_factored_attn_matrices)
+        self._recapture()
+        return self
 
     def _apply(self, fn, recurse=True):
         # Variants may hold their own references to lifted constants: rebuild after a move.
@@ -251,11 +277,20 @@ class HookedTransformer(LoadingMixin, TokenizerMixin, nn.Module):
                              f"tokens[:, -{self.cfg.n_ctx}:])")
 
     # ---------------------------------------------------------------- devices
-    def to(self, *args, **kwargs) -> "HookedTransformer":  # type: ignore[override]
+    def to(self, *args, print_details: bool = False, **kwargs) -> "HookedTransformer":  # type: ignore[override]
+        """nn.Module.to, keeping cfg.device / cfg.dtype in step. print_details: TransformerLens's, unused.
+
+        The captured graph is specialised to the dtype and device it was captured on, so a change of
+        either captures the HF model again (seconds; attached hooks stay, by name).
+        """
+        before = next(self.parameters())
+        before = (before.device, before.dtype)
         result = super().to(*args, **kwargs)
         param = next(self.parameters())
         self.cfg.device = str(param.device)
         self.cfg.dtype = param.dtype
+        if (param.device, param.dtype) != before:
+            self._recapture()
         return result
 
     def cuda(self, device=None) -> "HookedTransformer":  # type: ignore[override]
