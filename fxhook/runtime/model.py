@@ -16,6 +16,7 @@ from fxhook.runtime.hook_point import HookPoint
 from fxhook.runtime.hooks import HookRegistry, HookSpec, NameOrFilter
 from fxhook.runtime.loading import LoadingMixin
 from fxhook.runtime.tokens import TokenizerMixin
+from fxhook.runtime.views import WeightViewsMixin
 from fxhook.utils import lm_cross_entropy_loss
 
 ModelInput = Union[str, list[str], torch.Tensor]
@@ -37,7 +38,7 @@ class Output(tuple):
         return self[1]
 
 
-class HookedTransformer(LoadingMixin, TokenizerMixin, nn.Module):
+class HookedTransformer(LoadingMixin, TokenizerMixin, WeightViewsMixin, nn.Module):
     """A HF causal LM behind the TransformerLens HookedTransformer interface."""
 
     def __init__(self, cfg: HookedTransformerConfig, *, hf_model: nn.Module | None = None,

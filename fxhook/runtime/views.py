@@ -1,0 +1,212 @@
+"""Weight views with TransformerLens layouts, read live from the HF parameters.
+
+Per-block views (`model.blocks[L].attn.W_Q`) are views of the parameters:
+editing one in place (under torch.no_grad()) edits the model. Stacked views
+(`model.W_Q` [n_layers, ...]) are stacks, hence copies, as in TransformerLens;
+W_K / W_V / b_K / b_V stacks repeat kv heads to n_heads, as TransformerLens does.
+"""
+from __future__ import annotations
+
+import torch
+
+from fxhook.processing.weight_dict import live_weights
+
+
+class _Namespace:
+    """`blocks[L].attn` and friends: weights by short name, hook points by their hook name."""
+
+    def __init__(self, model, prefix: str, defaults: dict[str, tuple[int, ...]]):
+        self._model, self._prefix, self._defaults = model, prefix, defaults
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        key = self._prefix + name
+        weights = self._model.live_weights()
+        if key in weights:
+            return weights[key]
+        if name in self._defaults:  # absent biases read as zeros (nothing to edit)
+            p = next(self._model.parameters())
+            return torch.zeros(self._defaults[name], dtype=p.dtype, device=p.device)
+        points = self._model.hook_dict
+        if key in points:
+            return points[key]
+        raise AttributeError(f"{key!r} is neither a weight nor a hook point of this model")
+
+    def __repr__(self) -> str:
+        return f"<{self._prefix.rstrip('.')} of {type(self._model).__name__}>"
+
+
+class BlockView(_Namespace):
+    def __init__(self, model, layer: int):
+        cfg = model.cfg
+        super().__init__(model, f"blocks.{layer}.", {})
+        self.layer = layer
+        self.attn = _Namespace(model, f"blocks.{layer}.attn.", {
+            "b_Q": (cfg.n_heads, cfg.d_head), "b_K": (cfg.n_kv_heads, cfg.d_head),
+            "b_V": (cfg.n_kv_heads, cfg.d_head), "b_O": (cfg.d_model,)})
+        self.mlp = _Namespace(model, f"blocks.{layer}.mlp.", {"b_in": (cfg.d_mlp,), "b_out": (cfg.d_model,)})
+        self.ln1 = _Namespace(model, f"blocks.{layer}.ln1.", {})
+        self.ln2 = _Namespace(model, f"blocks.{layer}.ln2.", {})
+
+
+class WeightViewsMixin:
+    """model.W_E, model.W_Q, model.QK, ... for HookedTransformer."""
+
+    def live_weights(self) -> dict[str, torch.Tensor]:
+        """Every weight in TransformerLens layout, as live views of the parameters."""
+        return live_weights(self.hf_model, self.adapter, self.cfg)
+
+    @property
+    def blocks(self) -> list[BlockView]:
+        return [BlockView(self, layer) for layer in range(self.cfg.n_layers)]
+
+    def _stack(self, group: str, name: str, repeat_kv: bool = False) -> torch.Tensor:
+        parts = [getattr(getattr(block, group), name) for block in self.blocks]
+        stacked = torch.stack(parts)
+        if repeat_kv and self.cfg.n_kv_heads != self.cfg.n_heads:
+            stacked = stacked.repeat_interleave(self.cfg.n_heads // self.cfg.n_kv_heads, dim=1)
+        return stacked
+
+    # embeddings
+    @property
+    def W_E(self) -> torch.Tensor:  # [d_vocab, d_model]
+        return self.live_weights()["embed.W_E"]
+
+    @property
+    def W_pos(self) -> torch.Tensor:  # [n_ctx, d_model]
+        weights = self.live_weights()
+        if "pos_embed.W_pos" not in weights:
+            raise AttributeError(f"this model has {self.cfg.positional_embedding_type} positions: no W_pos")
+        return weights["pos_embed.W_pos"]
+
+    @property
+    def W_E_pos(self) -> torch.Tensor:  # [d_vocab + n_ctx, d_model]
+        return torch.cat([self.W_E, self.W_pos], dim=0)
+
+    @property
+    def W_U(self) -> torch.Tensor:  # [d_model, d_vocab]
+        return self.live_weights()["unembed.W_U"]
+
+    @property
+    def b_U(self) -> torch.Tensor:  # [d_vocab]
+        weights = self.live_weights()
+        return weights.get("unembed.b_U", torch.zeros(self.cfg.d_vocab_out, dtype=self.W_U.dtype,
+                                                      device=self.W_U.device))
+
+    # attention, stacked over layers
+    @property
+    def W_Q(self) -> torch.Tensor:  # [n_layers, n_heads, d_model, d_head]
+        return self._stack("attn", "W_Q")
+
+    @property
+    def W_K(self) -> torch.Tensor:
+        return self._stack("attn", "W_K", repeat_kv=True)
+
+    @property
+    def W_V(self) -> torch.Tensor:
+        return self._stack("attn", "W_V", repeat_kv=True)
+
+    @property
+    def W_O(self) -> torch.Tensor:  # [n_layers, n_heads, d_head, d_model]
+        return self._stack("attn", "W_O")
+
+    @property
+    def b_Q(self) -> torch.Tensor:  # [n_layers, n_heads, d_head]
+        return self._stack("attn", "b_Q")
+
+    @property
+    def b_K(self) -> torch.Tensor:
+        return self._stack("attn", "b_K", repeat_kv=True)
+
+    @property
+    def b_V(self) -> torch.Tensor:
+        return self._stack("attn", "b_V", repeat_kv=True)
+
+    @property
+    def b_O(self) -> torch.Tensor:  # [n_layers, d_model]
+        return self._stack("attn", "b_O")
+
+    # MLP, stacked over layers
+    @property
+    def W_in(self) -> torch.Tensor:  # [n_layers, d_model, d_mlp]
+        return self._stack("mlp", "W_in")
+
+    @property
+    def W_gate(self) -> torch.Tensor:
+        if not self.cfg.gated_mlp:
+            raise AttributeError("this model's MLP is not gated: no W_gate")
+        return self._stack("mlp", "W_gate")
+
+    @property
+    def W_out(self) -> torch.Tensor:  # [n_layers, d_mlp, d_model]
+        return self._stack("mlp", "W_out")
+
+    @property
+    def b_in(self) -> torch.Tensor:
+        return self._stack("mlp", "b_in")
+
+    @property
+    def b_out(self) -> torch.Tensor:
+        return self._stack("mlp", "b_out")
+
+    # factored circuits
+    @property
+    def QK(self):
+        """FactoredMatrix [n_layers, n_heads, d_model, d_model]: W_Q @ W_K^T."""
+        from fxhook.factored_matrix import FactoredMatrix
+
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+    @property
+    def OV(self):
+        """FactoredMatrix [n_layers, n_heads, d_model, d_model]: W_V @ W_O."""
+        from fxhook.factored_matrix import FactoredMatrix
+
+        return FactoredMatrix(self.W_V, self.W_O)
+
+    def all_head_labels(self) -> list[str]:
+        return [f"L{l}H{h}" for l in range(self.cfg.n_layers) for h in range(self.cfg.n_heads)]
+
+    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
+                         ) -> torch.Tensor:
+        """[d_model]: the biases written to the residual stream before block `layer`
+        (and its attention bias too, when mlp_input)."""
+        total = torch.zeros(self.cfg.d_model, dtype=self.W_E.dtype, device=self.W_E.device)
+        for block in self.blocks[:layer]:
+            total = total + block.attn.b_O
+            if include_mlp_biases:
+                total = total + block.mlp.b_out
+        if mlp_input:
+            if layer >= self.cfg.n_layers:
+                raise ValueError(f"mlp_input needs a layer below n_layers={self.cfg.n_layers}")
+            total = total + self.blocks[layer].attn.b_O
+        return total
+
+    def all_composition_scores(self, mode: str) -> torch.Tensor:
+        """[n_layers, n_heads, n_layers, n_heads]: how much each head's OV output is read by a later
+        head's Q, K or V (Elhage et al. 2021); zero unless the second head is in a later layer."""
+        left = self.OV
+        rights = {"Q": lambda: self.QK, "K": lambda: self.QK.T, "V": lambda: self.OV}
+        if mode not in rights:
+            raise ValueError(f"mode must be 'Q', 'K' or 'V', got {mode!r}")
+        right = rights[mode]()
+        l_ab = left.AB[:, :, None, None]  # [L1, H1, 1, 1, d, d]
+        r_ab = right.AB[None, None]  # [1, 1, L2, H2, d, d]
+        scores = torch.linalg.matrix_norm(l_ab @ r_ab) / torch.linalg.matrix_norm(l_ab) / \
+            torch.linalg.matrix_norm(r_ab)
+        layers = torch.arange(self.cfg.n_layers, device=scores.device)
+        later = layers[:, None, None, None] < layers[None, None, :, None]
+        return torch.where(later, scores, torch.zeros_like(scores))
+
+    def tokens_to_residual_directions(self, tokens) -> torch.Tensor:
+        """The unembedding direction [..., d_model] of a token (int, string or tensor of ids)."""
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        if isinstance(tokens, int):
+            return self.W_U[:, tokens]
+        return self.W_U[:, tokens].movedim(0, -1)
+
+    @property
+    def n_params_total(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,104 @@
+"""Weight views: TransformerLens layouts, live per-block views, factored circuits,
+composition scores computed by hand."""
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+
+from fxhook import HookedTransformer
+from models import ModelSpec, build_hf_model, model_specs
+
+
+def _model(spec):
+    return HookedTransformer.from_pretrained_no_processing(hf_model=build_hf_model(spec))
+
+
+@settings(max_examples=5)
+@given(spec=model_specs())
+def test_shapes_follow_transformer_lens(spec):
+    m = _model(spec)
+    L, H, D, d, M = spec.n_layers, spec.n_heads, spec.d_model, spec.d_head, spec.d_mlp
+    assert m.W_E.shape == (97, D) and m.W_U.shape == (D, 97) and m.b_U.shape == (97,)
+    for name in ("W_Q", "W_K", "W_V"):  # K and V repeated to n_heads, as TransformerLens
+        assert getattr(m, name).shape == (L, H, D, d)
+    for name in ("b_Q", "b_K", "b_V"):
+        assert getattr(m, name).shape == (L, H, d)
+    assert m.W_O.shape == (L, H, d, D) and m.b_O.shape == (L, D)
+    assert m.W_in.shape == (L, D, M) and m.W_out.shape == (L, M, D)
+    assert m.b_in.shape == (L, M) and m.b_out.shape == (L, D)
+    assert m.blocks[0].attn.W_K.shape == (spec.n_kv_heads, D, d)  # the grouped weight itself
+    if spec.family == "gpt2":
+        assert m.W_pos.shape == (64, D) and m.W_E_pos.shape == (97 + 64, D)
+    else:
+        assert m.W_gate.shape == (L, D, M)
+    assert m.QK.AB.shape == (L, H, D, D) and m.OV.AB.shape == (L, H, D, D)
+    assert len(m.all_head_labels()) == L * H and m.all_head_labels()[0] == "L0H0"
+
+
+@settings(max_examples=4)
+@given(spec=model_specs())
+def test_views_compute_what_the_model_computes(spec):
+    """q from W_Q/b_Q on the hooked ln1 output equals hook_q; z @ W_O + b_O equals attn_out;
+    the MLP views reproduce mlp_out."""
+    m = _model(spec)
+    tokens = torch.randint(2, 90, (2, 6), generator=torch.Generator().manual_seed(spec.seed))
+    with torch.no_grad():
+        _, cache = m.run_with_cache(tokens)
+        blk = m.blocks[0]
+        normed = cache["blocks.0.ln1.hook_normalized"]
+        if spec.family != "gpt2":  # RMS hook_normalized is before the weight (TransformerLens)
+            normed = normed * m.hf_model.get_submodule("model.layers.0.input_layernorm").weight
+        q = torch.einsum("bpm,hmd->bphd", normed, blk.attn.W_Q) + blk.attn.b_Q
+        v = torch.einsum("bpm,hmd->bphd", normed, blk.attn.W_V) + blk.attn.b_V
+        assert torch.allclose(q, cache["q", 0], atol=1e-5)
+        assert torch.allclose(v, cache["v", 0], atol=1e-5)
+        attn_out = torch.einsum("bphd,hdm->bpm", cache["z", 0], blk.attn.W_O) + blk.attn.b_O
+        assert torch.allclose(attn_out, cache["attn_out", 0], atol=1e-5)
+        mlp_out = cache["post", 0] @ blk.mlp.W_out + blk.mlp.b_out
+        assert torch.allclose(mlp_out, cache["mlp_out", 0], atol=1e-5)
+        assert torch.allclose(m.QK.AB, m.W_Q @ m.W_K.transpose(-1, -2), atol=1e-6)
+        assert torch.allclose(m.OV.AB, m.W_V @ m.W_O, atol=1e-6)
+
+
+def test_editing_a_block_view_edits_the_model():
+    m = _model(ModelSpec("gpt2", 1, 2, 2, 8, 16, True, False, 0))
+    tokens = torch.randint(2, 90, (1, 5))
+    with torch.no_grad():
+        before = m(tokens)
+        m.blocks[0].attn.W_V.mul_(0.0)
+        m.blocks[0].attn.b_V.mul_(0.0)
+        _, cache = m.run_with_cache(tokens)
+        after = m(tokens)
+    assert torch.all(cache["v", 0] == 0)
+    assert not torch.allclose(before, after)
+
+
+def test_composition_scores_match_their_definition():
+    spec = ModelSpec("llama", 3, 2, 1, 4, 16, False, False, 7)
+    m = _model(spec)
+    with torch.no_grad():
+        W_Q, W_K, W_V, W_O = m.W_Q, m.W_K, m.W_V, m.W_O
+        for mode in "QKV":
+            scores = m.all_composition_scores(mode)
+            assert scores.shape == (3, 2, 3, 2)
+            for l1 in range(3):
+                for h1 in range(2):
+                    ov = W_V[l1, h1] @ W_O[l1, h1]
+                    for l2 in range(3):
+                        for h2 in range(2):
+                            qk = W_Q[l2, h2] @ W_K[l2, h2].T
+                            right = {"Q": qk, "K": qk.T, "V": W_V[l2, h2] @ W_O[l2, h2]}[mode]
+                            expected = (ov @ right).norm() / ov.norm() / right.norm() if l1 < l2 else 0.0
+                            assert abs(float(scores[l1, h1, l2, h2]) - float(expected)) < 1e-5
+
+
+def test_accumulated_bias_and_residual_directions():
+    m = _model(ModelSpec("gpt2", 3, 2, 2, 8, 16, True, False, 2))
+    expected = m.b_O[0] + m.b_out[0] + m.b_O[1] + m.b_out[1]
+    assert torch.allclose(m.accumulated_bias(2), expected)
+    assert torch.allclose(m.accumulated_bias(2, mlp_input=True), expected + m.b_O[2])
+    assert torch.allclose(m.accumulated_bias(0), torch.zeros(m.cfg.d_model))
+    assert torch.equal(m.tokens_to_residual_directions(5), m.W_U[:, 5])
+    dirs = m.tokens_to_residual_directions(torch.tensor([[3, 4]]))
+    assert dirs.shape == (1, 2, m.cfg.d_model) and torch.equal(dirs[0, 1], m.W_U[:, 4])
+    assert m.n_params_total == sum(p.numel() for p in m.hf_model.parameters())
