@@ -1,6 +1,8 @@
 """HookedTransformerConfig: TransformerLens field names, derived from a HF config."""
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -56,11 +58,18 @@ class HookedTransformerConfig:
     ungroup_grouped_query_attention: bool = False
     # weight processing state
     layer_norm_folding: bool = False
+    # initialisation of a model built from this config alone (TransformerLens's fields and meanings)
+    init_mode: str = "gpt2"
+    seed: int | None = None
+    initializer_range: float = -1.0  # -1: not set, resolved below as TransformerLens does
+    init_weights: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.d_vocab_out == -1:
             self.d_vocab_out = self.d_vocab
+        if self.initializer_range < 0:  # gpt2 mode: a std of 0.8 / sqrt(d_model); other modes: a gain of 1
+            self.initializer_range = 0.8 / math.sqrt(self.d_model) if self.init_mode == "gpt2" else 1.0
         if self.positional_embedding_type == "rotary" and self.rotary_dim is None:
             self.rotary_dim = self.d_head
 
@@ -74,6 +83,41 @@ class HookedTransformerConfig:
     @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in fields(cls)}
+
+    @classmethod
+    def from_dict(cls, config_dict: Mapping[str, Any]) -> "HookedTransformerConfig":
+        """A config from a TransformerLens-style dict (`HookedTransformer(cfg_dict)`).
+
+        TransformerLens's defaults fill what it lets a dict leave out: n_heads = d_model // d_head,
+        d_mlp = 4 * d_model (unless attn_only), act_fn = "relu". d_vocab is required (no tokenizer is
+        fetched by name). Keys with no field here (other TransformerLens options) are kept in `extra`;
+        fxhook.from_config refuses the ones whose non-default values it cannot honour.
+        """
+        values = dict(config_dict)
+        extra = dict(values.pop("extra", None) or {})
+        known = cls.field_names()
+        for key in [k for k in values if k not in known]:
+            extra[key] = values.pop(key)
+        missing = [k for k in ("n_layers", "d_model", "n_ctx", "d_head") if values.get(k) is None]
+        if values.get("d_vocab") in (None, -1):
+            missing.append("d_vocab")
+        if missing:
+            raise ValueError(f"the config needs {missing} (TransformerLens's required fields; d_vocab is "
+                             "required too, since no tokenizer is fetched to infer it)")
+        if values.get("n_heads") in (None, -1):
+            if values["d_model"] % values["d_head"]:
+                raise ValueError(f"d_model ({values['d_model']}) must be divisible by d_head ({values['d_head']}) "
+                                 "when n_heads is not given")
+            values["n_heads"] = values["d_model"] // values["d_head"]
+        if values.get("d_mlp") is None and not values.get("attn_only", False):
+            values["d_mlp"] = 4 * values["d_model"]
+        if values.get("act_fn") is None:
+            values["act_fn"] = "relu"
+        if isinstance(values.get("dtype"), str):
+            name = values["dtype"].removeprefix("torch.")
+            name = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(name, name)
+            values["dtype"] = getattr(torch, name)
+        return cls(**values, extra=extra)
 
 
 def _first(hf_config, *names: str, default=None):

@@ -100,3 +100,33 @@ def test_center_writing_weights_is_skipped_with_a_warning_on_rms_models():
     with pytest.warns(UserWarning, match="LayerNorm"):
         model.process_weights_(fold_ln=False, center_writing_weights=True, center_unembed=False,
                                fold_value_biases=False)
+
+
+@settings(max_examples=3)
+@given(spec=model_specs(families=("gpt2",)), batch=token_batches())
+def test_refactored_attention_keeps_log_probs_and_makes_w_o_an_isometry(spec, batch):
+    tokens, mask = batch
+    hf = build_hf_model(spec)
+    model = HookedTransformer.from_pretrained_no_processing(hf_model=copy.deepcopy(hf))
+    model.process_weights_(refactor_factored_attn_matrices=True)
+    with torch.no_grad():
+        ref = hf(input_ids=tokens, attention_mask=mask, position_ids=positions_for(mask)).logits
+        out = model(tokens, attention_mask=mask)
+    keep = mask.bool()
+    assert torch.allclose(out.log_softmax(-1)[keep], ref.log_softmax(-1)[keep], atol=1e-4)
+    w_o = model.W_O  # [L, H, d_head, d_model]: orthonormal rows
+    eye = torch.eye(spec.d_head).expand(spec.n_layers, spec.n_heads, -1, -1)
+    assert torch.allclose(w_o @ w_o.transpose(-1, -2), eye, atol=1e-4)
+    # columns of [W_Q; b_Q] and [W_K; b_K] (the bias as an always-1 input) pair up with equal norms
+    q_eff = torch.cat([model.W_Q, model.b_Q[:, :, None]], dim=-2)
+    k_eff = torch.cat([model.W_K, model.b_K[:, :, None]], dim=-2)
+    assert torch.allclose(q_eff.norm(dim=-2), k_eff.norm(dim=-2), atol=1e-5)
+
+
+def test_refactoring_refuses_rotary_models():
+    from models import ModelSpec
+
+    model = HookedTransformer.from_pretrained_no_processing(
+        hf_model=build_hf_model(ModelSpec("llama", 1, 2, 2, 8, 16, False, False, 0)))
+    with pytest.raises(ValueError, match="rotary"):
+        model.process_weights_(refactor_factored_attn_matrices=True)

@@ -16,8 +16,6 @@ def process_hf_weights(hf_model: nn.Module, adapter: Adapter, cfg: HookedTransfo
                        fold_ln: bool = True, center_writing_weights: bool = True, center_unembed: bool = True,
                        fold_value_biases: bool = True, refactor_factored_attn_matrices: bool = False) -> None:
     """Rewrite `hf_model`'s parameters in place (the caller captures it afterwards)."""
-    if refactor_factored_attn_matrices:
-        raise NotImplementedError("refactor_factored_attn_matrices is not implemented yet")
     layer_norm = adapter.norm_kind == "layernorm"
     if center_writing_weights and not layer_norm:
         warnings.warn("center_writing_weights only applies to LayerNorm models (an RMSNorm does not remove "
@@ -35,6 +33,8 @@ def process_hf_weights(hf_model: nn.Module, adapter: Adapter, cfg: HookedTransfo
             sd = transforms.center_unembed(sd)
         if fold_value_biases:
             sd = transforms.fold_value_biases(sd, cfg.n_layers, cfg.n_heads)
+        if refactor_factored_attn_matrices:
+            sd = transforms.refactor_factored_attn_matrices(sd, cfg.n_layers, cfg.n_heads, adapter.rotary)
         _write_back(hf_model, adapter, cfg, sd)
     if fold_ln:
         cfg.layer_norm_folding = True

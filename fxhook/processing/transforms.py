@@ -85,3 +85,37 @@ def fold_value_biases(sd: Weights, n_layers: int, n_heads: int) -> Weights:
         sd[p + "b_O"] = sd.get(p + "b_O", 0.0) + torch.einsum("hd,hdm->m", per_head, sd[p + "W_O"])
         sd[p + "b_V"] = torch.zeros_like(b_v)
     return sd
+
+
+def _balanced_factors(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For M = a @ b.T ([h, n, n]), return (U sqrt(S), V sqrt(S)) of rank `rank`: same product,
+    orthogonal columns, equal norms on both sides."""
+    u, s, vh = torch.linalg.svd(a @ b.transpose(-1, -2))
+    root = s[..., :rank].sqrt()[..., None, :]
+    return u[..., :rank] * root, vh[..., :rank, :].transpose(-1, -2) * root
+
+
+def refactor_factored_attn_matrices(sd: Weights, n_layers: int, n_heads: int, rotary: bool) -> Weights:
+    """Re-factor W_QK and W_OV by SVD (TransformerLens's experimental refactoring): W_O becomes an
+    isometry, W_Q and W_K columns pair up with equal norms. Biases ride along as an extra input
+    coordinate that is always 1."""
+    if rotary:
+        raise ValueError("refactor_factored_attn_matrices needs position-independent QK circuits; "
+                         "with rotary embeddings W_QK depends on the positions")
+    sd = fold_value_biases(sd, n_layers, n_heads)
+    for layer in range(n_layers):
+        p = f"blocks.{layer}.attn."
+        w_q, w_k = sd[p + "W_Q"], sd[p + "W_K"]  # [h, d_model, d_head]
+        if w_k.shape[0] != w_q.shape[0]:
+            raise ValueError("refactor_factored_attn_matrices does not support grouped-query attention")
+        d_head = w_q.shape[-1]
+        zeros = torch.zeros(w_q.shape[0], d_head, dtype=w_q.dtype, device=w_q.device)
+        q_eff = torch.cat([w_q, sd.get(p + "b_Q", zeros)[:, None]], dim=1)  # [h, d_model + 1, d_head]
+        k_eff = torch.cat([w_k, sd.get(p + "b_K", zeros)[:, None]], dim=1)
+        q_new, k_new = _balanced_factors(q_eff, k_eff, d_head)
+        sd[p + "W_Q"], sd[p + "b_Q"] = q_new[:, :-1], q_new[:, -1]
+        sd[p + "W_K"], sd[p + "b_K"] = k_new[:, :-1], k_new[:, -1]
+        u, s, vh = torch.linalg.svd(sd[p + "W_V"] @ sd[p + "W_O"])  # [h, d_model, d_model]
+        sd[p + "W_V"] = u[..., :d_head] * s[..., None, :d_head]
+        sd[p + "W_O"] = vh[..., :d_head, :]
+    return sd
