@@ -45,9 +45,10 @@ def test_views_compute_what_the_model_computes(spec):
     with torch.no_grad():
         _, cache = m.run_with_cache(tokens)
         blk = m.blocks[0]
-        normed = cache["blocks.0.ln1.hook_normalized"]
-        if spec.family != "gpt2":  # RMS hook_normalized is before the weight (TransformerLens)
-            normed = normed * m.hf_model.get_submodule("model.layers.0.input_layernorm").weight
+        ln1 = m.blocks[0].ln1  # hook_normalized is before the norm's weight and bias (TransformerLens)
+        normed = cache["blocks.0.ln1.hook_normalized"] * ln1.w
+        if spec.family == "gpt2":
+            normed = normed + ln1.b
         q = torch.einsum("bpm,hmd->bphd", normed, blk.attn.W_Q) + blk.attn.b_Q
         v = torch.einsum("bpm,hmd->bphd", normed, blk.attn.W_V) + blk.attn.b_V
         assert torch.allclose(q, cache["q", 0], atol=1e-5)

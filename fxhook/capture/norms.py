@@ -21,25 +21,17 @@ def hooked_norm(
 ) -> torch.Tensor:
     """LayerNorm / RMSNorm / Gemma's (1 + w) RMSNorm with TransformerLens hook placement.
 
-    LayerNorm: hook_normalized is after weight and bias (as TransformerLens);
-    RMSNorm: hook_normalized is before the weight (as TransformerLens).
+    hook_normalized is the pure normalised input, before the weight and bias,
+    for every kind (as TransformerLens 3.9 does).
     """
     dtype = x.dtype
     h = x.float()
     if kind == "layernorm":
         h = h - h.mean(-1, keepdim=True)
     scale = hook_marker((h.pow(2).mean(-1, keepdim=True) + eps).sqrt(), prefix + "hook_scale")
-    h = h / scale
-    if kind == "layernorm":
-        h = h.to(dtype)
-        if weight is not None:
-            h = h * weight
-        if bias is not None:
-            h = h + bias
-        return hook_marker(h, prefix + "hook_normalized")
-    h = hook_marker(h, prefix + "hook_normalized").to(dtype)
-    if weight is None:
-        return h
-    if kind == "rmsnorm_plus_one":
-        return h * (1.0 + weight.float()).to(dtype)
-    return h * weight
+    h = hook_marker(h / scale, prefix + "hook_normalized").to(dtype)
+    if weight is not None:
+        h = h * ((1.0 + weight.float()).to(dtype) if kind == "rmsnorm_plus_one" else weight)
+    if bias is not None:
+        h = h + bias
+    return h
