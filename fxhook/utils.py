@@ -15,6 +15,9 @@ _FULL_NAMES = {
     "pattern": "attn.hook_pattern", "attn": "attn.hook_pattern",
     "pre": "mlp.hook_pre", "pre_linear": "mlp.hook_pre_linear", "post": "mlp.hook_post",
     "scale": "hook_scale", "normalized": "hook_normalized",
+    # TransformerLens's aliases
+    "attn_logits": "attn.hook_attn_scores", "key": "attn.hook_k", "query": "attn.hook_q",
+    "value": "attn.hook_v", "mlp_pre": "mlp.hook_pre", "mlp_post": "mlp.hook_post",
 }
 _TOP_LEVEL = {"embed", "pos_embed"}
 
@@ -31,7 +34,7 @@ def get_act_name(name: str, layer: int | None = None, layer_type: str | None = N
     if layer is None and name not in _TOP_LEVEL and name not in ("scale", "normalized"):
         import re
 
-        match = re.match(r"([a-z_]+?)(\d+)([a-z]*)$", name)  # "pattern3", "resid_pre0"
+        match = re.match(r"([a-z_]+?)(\d+)([a-z]+\d?)?$", name)  # "pattern3", "resid_pre0", "scale4ln1"
         if match:
             name, layer, layer_type = match.group(1), int(match.group(2)), match.group(3) or layer_type
     if name not in _FULL_NAMES:

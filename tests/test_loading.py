@@ -1,5 +1,5 @@
 """Loading: sources (object, folder, .gguf, short name, hub name), dtype and device, first_n_layers,
-n_ctx, checkpoints, refusals, and the processing flags (not implemented yet: warn or refuse)."""
+n_ctx, checkpoints, refusals, and the processing flags."""
 from __future__ import annotations
 
 import copy
@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, BartConfig, BartForConditionalGeneration
 
 from fxhook import HookedTransformer
 from fxhook.models_offline import SMOLLM2_GGUF, gpt2_tokenizer, resolve_offline, smollm2_available
-from fxhook.runtime.loading import PYTHIA_CHECKPOINTS, ProcessingNotImplementedWarning, checkpoint_revision, \
+from fxhook.runtime.loading import PYTHIA_CHECKPOINTS, checkpoint_revision, \
     check_config_supported, default_device, resolve_dtype
 
 load = HookedTransformer.from_pretrained_no_processing
@@ -366,23 +366,30 @@ def test_default_prepend_bos_and_padding_side_reach_the_config(gpt2_folder):
 
 
 # ------------------------------------------------------------------ processing flags
-def test_from_pretrained_warns_and_loads_unprocessed():
+def test_from_pretrained_processes_by_default_and_leaves_the_callers_model_alone():
     hf = tiny_gpt2(vocab=64)
-    with pytest.warns(ProcessingNotImplementedWarning, match="fold_ln, center_writing_weights"):
-        model = HookedTransformer.from_pretrained(hf_model=hf)
+    before = {k: v.clone() for k, v in hf.state_dict().items()}
+    model = HookedTransformer.from_pretrained(hf_model=hf)
+    assert model.cfg.normalization_type == "LNPre" and model.cfg.layer_norm_folding
     tokens = TOKENS % 64
-    torch.testing.assert_close(fx_logits(model, tokens), hf_logits(hf, tokens), atol=1e-5, rtol=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        HookedTransformer.from_pretrained(hf_model=hf, fold_ln=False, center_writing_weights=False,
-                                          center_unembed=False, fold_value_biases=False)
+    ours, theirs = fx_logits(model, tokens), hf_logits(hf, tokens)
+    torch.testing.assert_close(ours.log_softmax(-1), theirs.log_softmax(-1), atol=1e-4, rtol=0)
+    assert not torch.allclose(ours, theirs, atol=1e-3)  # center_unembed shifted the logits
+    assert all(torch.equal(v, before[k]) for k, v in hf.state_dict().items())
+    unprocessed = HookedTransformer.from_pretrained(hf_model=hf, fold_ln=False, center_writing_weights=False,
+                                                    center_unembed=False, fold_value_biases=False)
+    torch.testing.assert_close(fx_logits(unprocessed, tokens), theirs, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("flag", ["fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases",
                                   "refactor_factored_attn_matrices"])
-def test_asking_for_processing_is_refused(flag):
+def test_each_processing_flag_is_honoured_by_both_loaders(flag):
     hf = tiny_gpt2(1, vocab=64)
-    with pytest.raises(NotImplementedError, match=f"{flag}=True"):
-        HookedTransformer.from_pretrained(hf_model=hf, **{flag: True})
-    with pytest.raises(NotImplementedError, match="not implemented"):
-        load(hf_model=hf, **{flag: True})
+    tokens = TOKENS % 64
+    for model in (load(hf_model=hf, **{flag: True}),
+                  HookedTransformer.from_pretrained(hf_model=hf, **{f: f == flag for f in (
+                      "fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases",
+                      "refactor_factored_attn_matrices")})):
+        torch.testing.assert_close(fx_logits(model, tokens).log_softmax(-1), hf_logits(hf, tokens).log_softmax(-1),
+                                   atol=1e-4, rtol=0)
+        assert model.cfg.layer_norm_folding == (flag == "fold_ln")

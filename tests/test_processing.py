@@ -92,14 +92,16 @@ def test_processing_twice_is_harmless(spec):
         assert torch.allclose(once(tokens), twice(tokens), atol=1e-5)
 
 
-def test_center_writing_weights_is_skipped_with_a_warning_on_rms_models():
+def test_center_writing_weights_does_not_apply_to_rms_models():
+    """An RMSNorm does not remove the mean, so centring what writes to it would change the model."""
     from models import ModelSpec
 
-    hf = build_hf_model(ModelSpec("llama", 1, 2, 2, 8, 16, False, False, 0))
-    model = HookedTransformer.from_pretrained_no_processing(hf_model=hf)
-    with pytest.warns(UserWarning, match="LayerNorm"):
-        model.process_weights_(fold_ln=False, center_writing_weights=True, center_unembed=False,
-                               fold_value_biases=False)
+    hf = build_hf_model(ModelSpec("llama", 1, 2, 2, 8, 16, True, False, 0))
+    model = HookedTransformer.from_pretrained_no_processing(hf_model=copy.deepcopy(hf))
+    before = {k: v.clone() for k, v in model.live_weights().items()}
+    model.process_weights_(fold_ln=False, center_writing_weights=True, center_unembed=False,
+                           fold_value_biases=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.live_weights().items())
 
 
 @settings(max_examples=3)

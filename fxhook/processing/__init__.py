@@ -1,8 +1,6 @@
 """Weight processing: TransformerLens's fold_ln / centring / value-bias folding on a HF model."""
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 
@@ -17,9 +15,7 @@ def process_hf_weights(hf_model: nn.Module, adapter: Adapter, cfg: HookedTransfo
                        fold_value_biases: bool = True, refactor_factored_attn_matrices: bool = False) -> None:
     """Rewrite `hf_model`'s parameters in place (the caller captures it afterwards)."""
     layer_norm = adapter.norm_kind == "layernorm"
-    if center_writing_weights and not layer_norm:
-        warnings.warn("center_writing_weights only applies to LayerNorm models (an RMSNorm does not remove "
-                      "the mean); skipped", stacklevel=3)
+    if center_writing_weights and not layer_norm:  # TransformerLens skips it silently for RMS models
         center_writing_weights = False
     if fold_ln or center_unembed:
         untie_unembed(hf_model, adapter)

@@ -20,6 +20,8 @@ class ActivationCache:
         if isinstance(key, str):
             return key if key in self.cache_dict else get_act_name(key)
         if isinstance(key, tuple):
+            if len(key) > 1 and isinstance(key[1], int) and key[1] < 0:  # cache["pattern", -1]: last layer
+                key = (key[0], self.model.cfg.n_layers + key[1], *key[2:])
             if len(key) == 2:
                 return get_act_name(key[0], key[1])
             if len(key) == 3:

@@ -28,9 +28,9 @@ floating-point weights). GGUF files are accepted: transformers dequantises
 them into ordinary tensors on load.
 
 Weight processing (fold_ln, center_writing_weights, center_unembed,
-fold_value_biases, refactor_factored_attn_matrices) is not implemented yet.
-``from_pretrained`` warns and loads the model unprocessed; passing any of
-those flags as True raises ``NotImplementedError``.
+fold_value_biases on by default in ``from_pretrained``; refactor_factored_attn_matrices
+off) rewrites the weights before capture. A model passed as ``hf_model=`` is
+copied first so the caller's model is left as it was.
 """
 from __future__ import annotations
 
@@ -46,8 +46,6 @@ from fxhook.config import config_from_hf
 
 PROCESSING_FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases",
                     "refactor_factored_attn_matrices")
-# the processing TransformerLens's from_pretrained applies when not told otherwise
-_TL_DEFAULT_PROCESSING = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -62,10 +60,6 @@ PYTHIA_CHECKPOINTS = [0] + [2 ** i for i in range(10)] + list(range(1000, 143001
 _QUANTIZATION_KWARGS = ("load_in_8bit", "load_in_4bit", "quantization_config")
 # quantisation formats whose weights transformers turns into ordinary floating-point tensors on load
 _DEQUANTISED_ON_LOAD = ("gguf",)
-
-
-class ProcessingNotImplementedWarning(UserWarning):
-    """from_pretrained loaded the weights unprocessed: weight processing is not implemented yet."""
 
 
 _DECODER_ONLY = "fxhook's HookedTransformer supports decoder-only causal language models only"
@@ -304,42 +298,23 @@ def find_adapter(hf_model):
     return BY_ARCHITECTURE[name]
 
 
-def _refuse_processing(flags: dict[str, Any]) -> None:
-    asked = [name for name, value in flags.items() if value is not _UNSET and value]
-    if asked:
-        raise NotImplementedError(
-            f"weight processing is not implemented in fxhook yet ({', '.join(f'{n}=True' for n in asked)}): "
-            f"load with HookedTransformer.from_pretrained_no_processing(...), or pass "
-            f"{', '.join(f'{n}=False' for n in asked)}")
-
-
 class LoadingMixin:
     @classmethod
-    def from_pretrained(cls, model_name_or_path=None, *, fold_ln: bool = _UNSET,
-                        center_writing_weights: bool = _UNSET, center_unembed: bool = _UNSET,
-                        fold_value_biases: bool = _UNSET, refactor_factored_attn_matrices: bool = _UNSET,
+    def from_pretrained(cls, model_name_or_path=None, *, fold_ln: bool = True,
+                        center_writing_weights: bool = True, center_unembed: bool = True,
+                        fold_value_biases: bool = True, refactor_factored_attn_matrices: bool = False,
                         **kwargs):
-        """Load a HF causal LM (object, short name, folder or hub name) as a HookedTransformer.
+        """Load a HF causal LM (object, short name, folder or hub name) as a processed HookedTransformer.
 
-        TransformerLens processes the weights here by default (fold_ln, center_writing_weights,
-        center_unembed, fold_value_biases). fxhook does not implement processing yet: left at
-        their defaults, those flags give a ProcessingNotImplementedWarning and an unprocessed
-        model; any flag passed as True raises NotImplementedError. Every other argument is as
-        for `from_pretrained_no_processing`.
+        As in TransformerLens, the weights are canonicalised by default (fold_ln,
+        center_writing_weights (LayerNorm models only), center_unembed, fold_value_biases):
+        log-probabilities equal the HF model's, activations are TransformerLens's processed
+        ones. Every other argument is as for `from_pretrained_no_processing`.
         """
-        flags = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
-                     center_unembed=center_unembed, fold_value_biases=fold_value_biases,
-                     refactor_factored_attn_matrices=refactor_factored_attn_matrices)
-        _refuse_processing(flags)
-        defaulted = [n for n in _TL_DEFAULT_PROCESSING if flags[n] is _UNSET]
-        if defaulted:
-            warnings.warn(
-                f"weight processing ({', '.join(defaulted)}) is not implemented in fxhook yet: the model is "
-                f"loaded unprocessed, so its logits equal the HF model's but activations and weights are not "
-                f"folded or centred as TransformerLens's from_pretrained would make them. Use "
-                f"from_pretrained_no_processing(...) to say you want this and silence the warning.",
-                ProcessingNotImplementedWarning, stacklevel=2)
-        return cls.from_pretrained_no_processing(model_name_or_path, **kwargs)
+        return cls.from_pretrained_no_processing(
+            model_name_or_path, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+            center_unembed=center_unembed, fold_value_biases=fold_value_biases,
+            refactor_factored_attn_matrices=refactor_factored_attn_matrices, **kwargs)
 
     @classmethod
     def from_pretrained_no_processing(
@@ -391,12 +366,12 @@ class LoadingMixin:
             hf_model_kwargs, **from_pretrained_kwargs: passed to the HF from_pretrained
                 (e.g. cache_dir, token, attn_implementation, gguf_file).
             fold_ln, center_writing_weights, center_unembed, fold_value_biases,
-                refactor_factored_attn_matrices: must stay False (processing is not
-                implemented yet).
+                refactor_factored_attn_matrices: weight processing (all off here; see
+                from_pretrained). With hf_model= and any of them on, a copy is processed.
         """
-        _refuse_processing(dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
-                                center_unembed=center_unembed, fold_value_biases=fold_value_biases,
-                                refactor_factored_attn_matrices=refactor_factored_attn_matrices))
+        processing = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                          center_unembed=center_unembed, fold_value_biases=fold_value_biases,
+                          refactor_factored_attn_matrices=refactor_factored_attn_matrices)
         hf_kwargs = {**(hf_model_kwargs or {}), **from_pretrained_kwargs}
         if model_name_or_path is None and "model_name" in hf_kwargs:  # TransformerLens's keyword
             model_name_or_path = hf_kwargs.pop("model_name")
@@ -444,6 +419,9 @@ class LoadingMixin:
                             f"{sorted(hf_kwargs)}")
         check_model_supported(hf_model)
         adapter = find_adapter(hf_model)
+        if not owns_model and any(processing.values()):
+            hf_model = copy.deepcopy(hf_model)  # processing rewrites weights: leave the caller's model alone
+            owns_model = True
         if first_n_layers is not None:
             hf_model = truncate_layers(hf_model, adapter.blocks, first_n_layers, in_place=owns_model)
         if move_to_device and (dtype is not None or device is not None):
@@ -460,7 +438,8 @@ class LoadingMixin:
             cfg.checkpoint_value, cfg.from_checkpoint, cfg.checkpoint_label_type = checkpoint_value, True, "step"
         if revision is not None:
             cfg.extra["revision"] = revision
-        return cls(cfg, hf_model=hf_model, tokenizer=tokenizer, adapter=adapter)
+        return cls(cfg, hf_model=hf_model, tokenizer=tokenizer, adapter=adapter,
+                   processing=processing if any(processing.values()) else None)
 
 
 def _override_n_ctx(cfg, n_ctx: int) -> None:

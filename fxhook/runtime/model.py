@@ -42,7 +42,9 @@ class HookedTransformer(LoadingMixin, TokenizerMixin, WeightViewsMixin, nn.Modul
     """A HF causal LM behind the TransformerLens HookedTransformer interface."""
 
     def __init__(self, cfg: HookedTransformerConfig, *, hf_model: nn.Module | None = None,
-                 tokenizer=None, adapter: Adapter | None = None):
+                 tokenizer=None, adapter: Adapter | None = None, processing: dict[str, bool] | None = None):
+        """Wrap `hf_model` (or build one from `cfg`); `processing` (fold_ln=..., ...) rewrites its
+        weights in place before capture."""
         super().__init__()
         if hf_model is None:  # a model from a config (or a TransformerLens-style dict) alone, initialised
             from fxhook.from_config import build_from_config
@@ -56,6 +58,10 @@ class HookedTransformer(LoadingMixin, TokenizerMixin, WeightViewsMixin, nn.Modul
         self.adapter = adapter
         self.tokenizer = tokenizer
         self.__dict__["hf_model"] = hf_model  # kept unregistered: the graph holds its parameters
+        if processing:
+            from fxhook.processing import process_hf_weights
+
+            process_hf_weights(hf_model, adapter, cfg, **processing)
         self.captured = capture_graph(hf_model, adapter, cfg)
         self.__dict__["_captured_ungrouped"] = None
         self._points: dict[str, HookPoint] = {}
