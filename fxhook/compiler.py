@@ -59,3 +59,12 @@ def build_variant(captured: fx.GraphModule, spec: GraphSpec, cfg: HookedTransfor
     if spec.start_at_layer is not None or spec.stop_at_layer is not None:
         gm = slice_layers(gm, cfg.n_layers, spec.start_at_layer, spec.stop_at_layer)
     return gm
+
+
+def capture_decode_graph(hf_model: nn.Module, adapter: Adapter, cfg: HookedTransformerConfig,
+                         n_kv_heads: int | None = None) -> fx.GraphModule:
+    """HF model -> the decode-step GraphModule (see fxhook/capture/kv.py), with markers:
+    (input_ids [b, q], attention_mask [b, past+q], *past_keys, *past_values) -> (logits, *keys, *values)."""
+    from fxhook.capture.kv import capture_decode
+
+    return capture_decode(hf_model, adapter, cfg.n_layers, cfg.n_heads, n_kv_heads or cfg.n_kv_heads, cfg.d_head)

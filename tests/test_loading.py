@@ -3,7 +3,6 @@ n_ctx, checkpoints, refusals, and the processing flags."""
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch

@@ -14,6 +14,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from fxhook.capture.kv import decode_attention_inputs
 from fxhook.capture.ops import attention_core, hook_marker
 
 IMPLEMENTATION_NAME = "fxhook"
@@ -63,6 +64,7 @@ def fxhook_attention(module, query, key, value, attention_mask, scaling=None, dr
         query = _mark_heads(query, prefix + "hook_rot_q")
         key = _mark_heads(key, prefix + "hook_rot_k")
     value = _mark_heads(value, prefix + "hook_v")
+    key, value, attention_mask = decode_attention_inputs(layer, query, key, value, attention_mask, sliding_window)
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         raise TypeError("fxhook attention expects a boolean mask; the mask function was not registered.")
     z = attention_core(query, key, value, attention_mask, float(scaling),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import types
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn

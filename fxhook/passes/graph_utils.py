@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import torch
 from torch import fx
 
 from fxhook.capture.ops import attention_op, hook_op
@@ -63,11 +62,3 @@ def finish(gm: fx.GraphModule) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
-
-
-def is_impure_free_dead(node: fx.Node) -> bool:
-    return len(node.users) == 0 and node.op not in ("placeholder", "output")
-
-
-__all__ = ["hook_markers", "attention_nodes", "hook_point_nodes", "plain_codegen", "copy_graph_module",
-           "finish", "torch"]

@@ -36,7 +36,7 @@ def eager_attention(
     also be traced symbolically.
 
     Masked scores are -inf; rows with nothing to attend to get an all-zero
-    pattern rather than NaN (TransformerLens does the same).
+    pattern rather than NaN (TransformerLens does the same), with finite gradients.
     """
     k = repeat_kv(k, n_rep)
     v = repeat_kv(v, n_rep)
@@ -46,8 +46,11 @@ def eager_attention(
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     scores = hook_scores(scores)
-    pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
-    pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
+    # a query with nothing to attend to (a left-pad position) gets an all-zero pattern; softmax over a
+    # finite stand-in row keeps its gradient finite too
+    empty_row = torch.isneginf(scores).all(dim=-1, keepdim=True)
+    pattern = torch.softmax(scores.masked_fill(empty_row, 0.0), dim=-1, dtype=torch.float32).to(scores.dtype)
+    pattern = pattern.masked_fill(empty_row, 0.0)
     pattern = hook_pattern(pattern).to(v.dtype)
     z = torch.matmul(pattern, v).transpose(1, 2)
     return z, scores, pattern

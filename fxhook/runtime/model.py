@@ -12,6 +12,7 @@ from fxhook.compiler import GraphSpec, build_variant, capture_graph
 from fxhook.config import HookedTransformerConfig
 from fxhook.passes.graph_utils import hook_point_nodes
 from fxhook.runtime.cache import ActivationCache
+from fxhook.runtime.generate import GenerationMixin
 from fxhook.runtime.hook_point import HookPoint
 from fxhook.runtime.hooks import HookRegistry, HookSpec, NameOrFilter
 from fxhook.runtime.loading import LoadingMixin
@@ -38,7 +39,7 @@ class Output(tuple):
         return self[1]
 
 
-class HookedTransformer(LoadingMixin, TokenizerMixin, WeightViewsMixin, nn.Module):
+class HookedTransformer(LoadingMixin, TokenizerMixin, WeightViewsMixin, GenerationMixin, nn.Module):
     """A HF causal LM behind the TransformerLens HookedTransformer interface."""
 
     def __init__(self, cfg: HookedTransformerConfig, *, hf_model: nn.Module | None = None,
@@ -256,8 +257,9 @@ class HookedTransformer(LoadingMixin, TokenizerMixin, WeightViewsMixin, nn.Modul
                 start_at_layer: int | None = None, tokens: torch.Tensor | None = None,
                 stop_at_layer: int | None = None, attention_mask: torch.Tensor | None = None,
                 past_kv_cache=None, shortformer_pos_embed=None):
-        if past_kv_cache is not None:
-            raise NotImplementedError("past_kv_cache is not implemented yet (generation runtime)")
+        if past_kv_cache is not None:  # the decode graph, reading and extending the cache (runtime/generate.py)
+            return self._forward_with_cache(input, past_kv_cache, return_type, loss_per_token, prepend_bos,
+                                            padding_side, attention_mask, start_at_layer, stop_at_layer)
         start, stop = self._layer_range(start_at_layer, stop_at_layer)
         if start is None:
             tokens, attention_mask = self.input_to_tokens(input, prepend_bos, padding_side, attention_mask)

@@ -1,0 +1,77 @@
+"""KVCache: the keys and values fxhook's decode graph reads and extends, plus the running padding mask.
+
+Layout (fxhook's, not TransformerLens's): per layer keys and values of shape
+[batch, kv_heads, past, d_head] (kv_heads = n_key_value_heads under GQA, the
+query head count when the model ungroups grouped-query attention). Keys are
+stored after rotary, as the attention consumed them (after any hook on
+hook_k / hook_rot_k / hook_v edited them). `attention_mask` [batch, past] is
+1 for real tokens and 0 for padding; positions of new tokens are counted from
+it, so left padding is invisible.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], attention_mask: torch.Tensor,
+                 frozen: bool = False):
+        if len(keys) != len(values):
+            raise ValueError(f"{len(keys)} key tensors but {len(values)} value tensors")
+        self.keys = list(keys)
+        self.values = list(values)
+        self.attention_mask = attention_mask
+        self.frozen = frozen
+
+    @classmethod
+    def init_cache(cls, cfg, device: torch.device | str | None = None, batch_size: int = 1,
+                   n_kv_heads: int | None = None, dtype: torch.dtype | None = None) -> "KVCache":
+        """An empty cache for `cfg` (TransformerLens's name for it)."""
+        device = device if device is not None else (cfg.device or "cpu")
+        dtype = dtype or cfg.dtype
+        heads = n_kv_heads or cfg.n_kv_heads
+
+        def empty() -> list[torch.Tensor]:
+            return [torch.zeros((batch_size, heads, 0, cfg.d_head), dtype=dtype, device=device)
+                    for _ in range(cfg.n_layers)]
+        return cls(empty(), empty(), torch.zeros((batch_size, 0), dtype=torch.long, device=device))
+
+    # ---------------------------------------------------------------- state
+    @property
+    def batch_size(self) -> int:
+        return self.attention_mask.shape[0]
+
+    @property
+    def past_length(self) -> int:
+        return self.attention_mask.shape[1]
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[layer], self.values[layer]
+
+    def freeze(self) -> None:
+        """Forward passes read the cache but no longer extend it."""
+        self.frozen = True
+
+    def unfreeze(self) -> None:
+        self.frozen = False
+
+    def update(self, keys: list[torch.Tensor], values: list[torch.Tensor], attention_mask: torch.Tensor) -> None:
+        """Replace the contents with a step's extended keys, values and mask (no-op when frozen)."""
+        if self.frozen:
+            return
+        self.keys, self.values, self.attention_mask = list(keys), list(values), attention_mask
+
+    def clone(self) -> "KVCache":
+        return KVCache([k.clone() for k in self.keys], [v.clone() for v in self.values],
+                       self.attention_mask.clone(), self.frozen)
+
+    def __repr__(self) -> str:
+        shape = tuple(self.keys[0].shape) if self.keys else ()
+        return f"KVCache(n_layers={self.n_layers}, keys[0]={shape}, frozen={self.frozen})"
