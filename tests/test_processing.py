@@ -132,3 +132,17 @@ def test_refactoring_refuses_rotary_models():
         hf_model=build_hf_model(ModelSpec("llama", 1, 2, 2, 8, 16, False, False, 0)))
     with pytest.raises(ValueError, match="rotary"):
         model.process_weights_(refactor_factored_attn_matrices=True)
+
+
+def test_center_unembed_is_refused_with_a_warning_when_logits_are_soft_capped():
+    """Gemma 2 style final-logit soft-capping: centring W_U would change the log-probabilities."""
+    from models import ModelSpec
+
+    hf = build_hf_model(ModelSpec("llama", 1, 2, 2, 8, 16, False, False, 0))
+    hf.config.final_logit_softcapping = 30.0  # what the processing pass reads (adapters set it per family)
+    model = HookedTransformer.from_pretrained_no_processing(hf_model=hf)
+    before = model.W_U.clone()
+    with pytest.warns(UserWarning, match="soft-caps"):
+        model.process_weights_(fold_ln=False, center_writing_weights=False, center_unembed=True,
+                               fold_value_biases=False)
+    assert torch.equal(model.W_U, before)

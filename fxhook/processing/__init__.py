@@ -1,6 +1,8 @@
 """Weight processing: TransformerLens's fold_ln / centring / value-bias folding on a HF model."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -17,6 +19,11 @@ def process_hf_weights(hf_model: nn.Module, adapter: Adapter, cfg: HookedTransfo
     layer_norm = adapter.norm_kind == "layernorm"
     if center_writing_weights and not layer_norm:  # TransformerLens skips it silently for RMS models
         center_writing_weights = False
+    if center_unembed and getattr(hf_model.config, "final_logit_softcapping", None):
+        warnings.warn("center_unembed skipped: this model soft-caps its logits, and a softcap does not "
+                      "commute with shifting every logit of a position, so centring would change the "
+                      "log-probabilities", stacklevel=3)
+        center_unembed = False
     if fold_ln or center_unembed:
         untie_unembed(hf_model, adapter)
     with torch.no_grad():
