@@ -21,7 +21,7 @@ prompt = " ".join(sys.argv[1:]) or "The capital of France is"
 hf_logging.disable_progress_bar()
 
 start = time.perf_counter()
-model = HookedTransformer.from_pretrained_no_processing("smollm2")
+model = HookedTransformer.from_pretrained("smollm2")  # processed, as TransformerLens: fold_ln, centring
 cfg = model.cfg
 print(f"Loaded {cfg.model_name}: {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads "
       f"({cfg.n_key_value_heads} kv), on {cfg.device}, in {time.perf_counter() - start:.0f} s\n")
