@@ -127,3 +127,36 @@ def capture_decode(hf_model: nn.Module, adapter: Adapter, n_layers: int, n_heads
     gm = plain_codegen(ep.module())
     gm.meta["norm_eps"] = dict(norm_eps)
     return gm
+
+
+def verify_decode(decode: torch.fx.GraphModule, full: torch.fx.GraphModule, n_layers: int, n_kv_heads: int,
+                  d_head: int, vocab: int) -> None:
+    """Check on a tiny input that prefill + single steps of `decode` give `full`'s logits.
+
+    A model whose HF code derives positions or masks from something the decode root does not control
+    would otherwise generate wrong tokens silently; this turns that into an error at build time.
+    """
+    param = next(iter(full.parameters()), None)
+    device = param.device if param is not None else "cpu"
+    dtype = param.dtype if param is not None else torch.float32
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab, (2, 5), generator=g).to(device)
+    mask = torch.ones_like(tokens)
+    mask[0, 0] = 0  # a left-padded row: positions must come from the mask
+    with torch.no_grad():
+        expected = full(tokens, mask)
+        kv = [torch.zeros((2, n_kv_heads, 0, d_head), dtype=dtype, device=device) for _ in range(2 * n_layers)]
+        got = []
+        for start, stop in ((0, 3), (3, 4), (4, 5)):
+            out = decode(tokens[:, start:stop], mask[:, :stop], *kv)
+            got.append(out[0])
+            kv = list(out[1:])
+        got = torch.cat(got, dim=1)
+    atol = 1e-3 if dtype == torch.float32 or dtype == torch.float64 else 5e-2
+    scale = 1.0 + float(expected.abs().max())
+    err = float((got.float() - expected.float()).abs().max())
+    if not err <= atol * scale:
+        raise NotImplementedError(
+            f"fxhook's KV-cache decode graph disagrees with the full graph for this model (max logit difference "
+            f"{err:.3g}): its HF code likely derives positions or the attention mask from something other than "
+            f"position_ids and the padding mask. Generate with use_past_kv_cache=False.")

@@ -105,6 +105,10 @@ class GenerationMixin:
                     captured = capture_decode_graph(hf, self.adapter, self.cfg, n_kv_heads=self.cfg.n_heads)
                 else:
                     captured = capture_decode_graph(self.hf_model, self.adapter, self.cfg)
+                from fxhook.capture.kv import verify_decode
+
+                verify_decode(captured, self._captured_for(spec), self.cfg.n_layers,
+                              self.cfg.n_heads if ungroup else self.cfg.n_kv_heads, self.cfg.d_head, self.cfg.d_vocab)
                 self._variants[captured_key] = captured
             self._variants[key] = build_variant(self._variants[captured_key], spec, self.cfg, self.adapter,
                                                 self._make_point)
@@ -313,15 +317,15 @@ class GenerationMixin:
         if return_type == "embeds":
             raise ValueError("generate_stream yields text or tokens: return_type='embeds' is not supported")
         with torch.no_grad():
-            pending: list[torch.Tensor] = [tokens]
-            count = tokens.shape[1]
+            pending: list[torch.Tensor] = [tokens]  # the first yield starts with the input
+            count, new_pending = tokens.shape[1], 0
             for new in self._generate_steps(tokens, mask, max_new_tokens, stop_at_eos, eos_token_id, do_sample,
                                             top_k, top_p, temperature, freq_penalty, use_past_kv_cache, verbose,
                                             generator):
                 pending.append(new[:, None])
-                count += 1
+                count, new_pending = count + 1, new_pending + 1
                 if count >= max_tokens_per_yield:
                     yield self._format_output(torch.cat(pending, dim=1), return_type)
-                    pending, count = [], 0
-            if pending and (count > 0):
+                    pending, count, new_pending = [], 0, 0
+            if new_pending:
                 yield self._format_output(torch.cat(pending, dim=1), return_type)
