@@ -16,7 +16,7 @@ from fxhook.adapter import Adapter
 from fxhook.capture.export import capture
 from fxhook.config import HookedTransformerConfig
 from fxhook.passes.graph_utils import copy_graph_module, plain_codegen
-from fxhook.passes.insert_hook_points import insert_hook_points
+from fxhook.passes.insert_hook_points import insert_hook_points, prune_hook_points
 from fxhook.passes.lower_attention import lower_attention
 from fxhook.passes.slice_layers import slice_layers
 from fxhook.runtime.hook_point import HookPoint
@@ -33,12 +33,13 @@ class GraphSpec:
     ungroup_grouped_query_attention: bool = False
     start_at_layer: int | None = None
     stop_at_layer: int | None = None
+    live_hooks: frozenset[str] | None = None  # keep only these hook points (None: keep all)
 
     @classmethod
-    def from_cfg(cls, cfg: HookedTransformerConfig, start: int | None = None, stop: int | None = None
-                 ) -> "GraphSpec":
+    def from_cfg(cls, cfg: HookedTransformerConfig, start: int | None = None, stop: int | None = None,
+                 live_hooks: frozenset[str] | None = None) -> "GraphSpec":
         return cls(cfg.use_attn_result, cfg.use_split_qkv_input, cfg.use_attn_in, cfg.use_hook_mlp_in,
-                   cfg.ungroup_grouped_query_attention, start, stop)
+                   cfg.ungroup_grouped_query_attention, start, stop, live_hooks)
 
 
 def capture_graph(hf_model: nn.Module, adapter: Adapter, cfg: HookedTransformerConfig,
@@ -49,7 +50,8 @@ def capture_graph(hf_model: nn.Module, adapter: Adapter, cfg: HookedTransformerC
 
 def build_variant(captured: fx.GraphModule, spec: GraphSpec, cfg: HookedTransformerConfig, adapter: Adapter,
                   make_point: Callable[[str], HookPoint] = HookPoint) -> fx.GraphModule:
-    """The runnable hooked graph for `spec`: HookPoint modules at every contract site."""
+    """The runnable hooked graph for `spec`: HookPoint modules at every contract site
+    (spec.live_hooks is applied by `pruned_variant` on the result)."""
     from fxhook.passes.flag_hooks import apply_flag_passes
 
     gm = copy_graph_module(captured)
@@ -59,6 +61,11 @@ def build_variant(captured: fx.GraphModule, spec: GraphSpec, cfg: HookedTransfor
     if spec.start_at_layer is not None or spec.stop_at_layer is not None:
         gm = slice_layers(gm, cfg.n_layers, spec.start_at_layer, spec.stop_at_layer)
     return gm
+
+
+def pruned_variant(full: fx.GraphModule, live_hooks: frozenset[str]) -> fx.GraphModule:
+    """A copy of a full hooked graph keeping only the hook points in `live_hooks` (cheap: one pass)."""
+    return prune_hook_points(copy_graph_module(full), live_hooks)
 
 
 def capture_decode_graph(hf_model: nn.Module, adapter: Adapter, cfg: HookedTransformerConfig,

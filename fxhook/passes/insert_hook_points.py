@@ -36,6 +36,16 @@ def insert_hook_points(gm: fx.GraphModule, make_point: Callable[[str], HookPoint
     return finish(gm)
 
 
+def prune_hook_points(gm: fx.GraphModule, keep: frozenset[str]) -> fx.GraphModule:
+    """Drop the calls of hook points not in `keep`: a hook nobody uses costs nothing."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target not in keep and \
+                isinstance(gm.get_submodule(node.target), HookPoint):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    return finish(gm)
+
+
 def _has_submodule(gm: fx.GraphModule, name: str) -> bool:
     try:
         gm.get_submodule(name)

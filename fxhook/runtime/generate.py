@@ -94,6 +94,13 @@ class GenerationMixin:
         from fxhook.compiler import build_variant, capture_decode_graph
 
         key = ("decode", spec)
+        if key not in self._variants and spec.live_hooks is not None:
+            import dataclasses
+
+            from fxhook.compiler import pruned_variant
+
+            full = self.decode_graph_for(dataclasses.replace(spec, live_hooks=None))
+            self._remember_pruned(key, pruned_variant(full, spec.live_hooks))
         if key not in self._variants:
             ungroup = spec.ungroup_grouped_query_attention and self.cfg.n_kv_heads != self.cfg.n_heads
             captured_key = ("decode-captured", ungroup)
@@ -142,7 +149,7 @@ class GenerationMixin:
         if tokens.shape[0] != cache.batch_size:
             raise ValueError(f"the input has batch size {tokens.shape[0]} but the cache was made for "
                              f"{cache.batch_size}")
-        spec = GraphSpec.from_cfg(self.cfg)
+        spec = GraphSpec.from_cfg(self.cfg, live_hooks=self.live_hooks())
         heads = self._decode_kv_heads(spec)
         if cache.keys and cache.keys[0].shape[1] != heads:
             raise ValueError(f"the cache holds {cache.keys[0].shape[1]} key/value heads but the model now uses "
@@ -237,7 +244,7 @@ class GenerationMixin:
                                                   None, None)
             else:
                 self._check_context_length(tokens)
-                logits = self.graph_for(GraphSpec.from_cfg(self.cfg))(tokens, mask)
+                logits = self.graph_for(GraphSpec.from_cfg(self.cfg, live_hooks=self.live_hooks()))(tokens, mask)
             final = logits[:, -1, :]
             if do_sample:
                 new = sample_logits(final, top_k, top_p, temperature, freq_penalty, tokens, mask, generator)

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Callable, Iterator, Literal, Sequence, Union
 
 import torch
 from torch import fx, nn
 
 from fxhook.adapter import Adapter
-from fxhook.compiler import GraphSpec, build_variant, capture_graph
+from fxhook.compiler import GraphSpec, build_variant, capture_graph, pruned_variant
 from fxhook.config import HookedTransformerConfig
 from fxhook.passes.graph_utils import hook_point_nodes
 from fxhook.runtime.cache import ActivationCache
@@ -79,9 +80,27 @@ class HookedTransformer(LoadingMixin, TokenizerMixin, WeightViewsMixin, Generati
     def graph_for(self, spec: GraphSpec) -> fx.GraphModule:
         """The hooked GraphModule for `spec`, built once and reused."""
         if spec not in self._variants:
-            self._variants[spec] = build_variant(self._captured_for(spec), spec, self.cfg, self.adapter,
-                                                 self._make_point)
+            if spec.live_hooks is not None:
+                full = self.graph_for(dataclasses.replace(spec, live_hooks=None))
+                self._remember_pruned(spec, pruned_variant(full, spec.live_hooks))
+            else:
+                self._variants[spec] = build_variant(self._captured_for(spec), spec, self.cfg, self.adapter,
+                                                     self._make_point)
         return self._variants[spec]
+
+    _MAX_PRUNED_VARIANTS = 16
+
+    def _remember_pruned(self, key, gm: fx.GraphModule) -> None:
+        """Keep pruned graphs for the most recent hook sets only (a new set costs one cheap pass)."""
+        order = self.__dict__.setdefault("_pruned_order", [])
+        order.append(key)
+        if len(order) > self._MAX_PRUNED_VARIANTS:
+            self._variants.pop(order.pop(0), None)
+        self._variants[key] = gm
+
+    def live_hooks(self) -> frozenset[str]:
+        """Names of the hook points that have a hook now: the graph that runs keeps only these."""
+        return frozenset(name for name, p in self._points.items() if p.fwd_hooks or p.bwd_hooks)
 
     def _captured_for(self, spec: GraphSpec) -> fx.GraphModule:
         if not spec.ungroup_grouped_query_attention or self.cfg.n_kv_heads == self.cfg.n_heads:
@@ -271,7 +290,7 @@ class HookedTransformer(LoadingMixin, TokenizerMixin, WeightViewsMixin, Generati
             if attention_mask is None:
                 attention_mask = torch.ones(residual.shape[:2], dtype=torch.long, device=residual.device)
         self._check_context_length(tokens)
-        gm = self.graph_for(GraphSpec.from_cfg(self.cfg, start, stop))
+        gm = self.graph_for(GraphSpec.from_cfg(self.cfg, start, stop, self.live_hooks()))
         args = (tokens, attention_mask) if residual is None else (tokens, attention_mask, residual)
         out = gm(*args)
         if stop is not None or return_type is None:

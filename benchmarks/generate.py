@@ -1,0 +1,92 @@
+"""Decode speed: fxhook generate (KV cache, eager) against HF generate and the matvec floor.
+
+    python benchmarks/generate.py                 # SmolLM2 (packaged, offline) and a GPT-2-small shape
+    python benchmarks/generate.py --tokens 16 --repeats 3
+
+Everything is measured in one run, interleaving the systems so machine drift cancels. The floor
+is the time of one token's weight matrix-vector products alone (every linear layer and the
+unembedding, one vector each): on a CPU decode cannot beat it, and the overhead above it is
+what a runtime can win.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from fxhook import HookedTransformer
+
+
+def matvec_floor(hf_model: torch.nn.Module, repeats: int) -> float:
+    """Seconds for one vector through every 2-D weight that is used as a matrix (embeddings excluded)."""
+    embeddings = {id(m.weight) for m in hf_model.modules() if isinstance(m, torch.nn.Embedding)}
+    weights = [p.detach() for n, p in hf_model.named_parameters() if p.dim() == 2 and id(p) not in embeddings]
+    if hf_model.get_output_embeddings() is not None:  # the unembedding, tied or not
+        weights.append(hf_model.get_output_embeddings().weight.detach())
+    vectors = [torch.randn(w.shape[1], dtype=w.dtype) for w in weights]
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for w, v in zip(weights, vectors):
+            torch.mv(w, v)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def time_call(fn) -> float:
+    start = time.perf_counter()
+    with torch.no_grad():
+        fn()
+    return time.perf_counter() - start
+
+
+def bench(name: str, model: HookedTransformer, tokens: torch.Tensor, n_new: int, repeats: int) -> None:
+    hf = model.hf_model
+    hf.generation_config.pad_token_id = hf.generation_config.eos_token_id
+
+    def run_hf():
+        hf.generate(tokens, attention_mask=torch.ones_like(tokens), do_sample=False, max_new_tokens=n_new,
+                    min_new_tokens=n_new, use_cache=True)
+
+    def run_fx():
+        model.generate(tokens, max_new_tokens=n_new, do_sample=False, stop_at_eos=False, verbose=False)
+
+    run_hf(), run_fx()  # warm-up (builds fxhook's decode graph)
+    hf_times, fx_times = [], []
+    for _ in range(repeats):
+        hf_times.append(time_call(run_hf))
+        fx_times.append(time_call(run_fx))
+    floor = matvec_floor(hf, max(5, repeats))
+    hf_tps, fx_tps = n_new / statistics.median(hf_times), n_new / statistics.median(fx_times)
+    print(f"\n{name}: batch 1, prompt {tokens.shape[1]} tokens, {n_new} new tokens, median of {repeats}")
+    print(f"  {'system':<28}{'tokens/s':>10}{'ms/token':>10}{'vs HF':>8}{'vs floor':>10}")
+    for label, tps in (("HF generate", hf_tps), ("fxhook generate (eager)", fx_tps)):
+        ms = 1000 / tps
+        print(f"  {label:<28}{tps:>10.1f}{ms:>10.1f}{hf_tps / tps:>7.2f}x{ms / (1000 * floor):>9.2f}x")
+    print(f"  {'matvec floor':<28}{1 / floor:>10.1f}{1000 * floor:>10.1f}")
+    print("  (vs HF: time per token relative to HF generate; vs floor: relative to the matvec floor)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=32, help="new tokens per generate call")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per system")
+    parser.add_argument("--skip-gpt2", action="store_true", help="only SmolLM2")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    smol = HookedTransformer.from_pretrained_no_processing("smollm2", device="cpu", dtype="float32")
+    bench("SmolLM2-135M (fp32, CPU)", smol, smol.to_tokens("The capital of France is"), args.tokens,
+          args.repeats)
+    if not args.skip_gpt2:
+        hf = GPT2LMHeadModel(GPT2Config()).eval()  # GPT-2-small shape, random weights
+        gpt2 = HookedTransformer.from_pretrained_no_processing(hf_model=hf)
+        bench("GPT-2-small shape (random weights, fp32, CPU)", gpt2, torch.randint(0, 50257, (1, 8)),
+              args.tokens, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
