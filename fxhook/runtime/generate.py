@@ -132,7 +132,6 @@ class GenerationMixin:
     def _forward_with_cache(self, input, cache: KVCache, return_type, loss_per_token, prepend_bos, padding_side,
                             attention_mask, start_at_layer, stop_at_layer):
         from fxhook.compiler import GraphSpec
-        from fxhook.utils import lm_cross_entropy_loss
 
         if not isinstance(cache, KVCache):
             raise TypeError(f"past_kv_cache must be a fxhook KVCache (model.init_kv_cache(batch_size)), "
@@ -160,19 +159,7 @@ class GenerationMixin:
         n = self.cfg.n_layers
         logits = out[0]
         cache.update(out[1:1 + n], out[1 + n:1 + 2 * n], full_mask)
-        if return_type is None:
-            return None
-        if return_type == "logits":
-            return logits
-        loss = lm_cross_entropy_loss(logits, tokens, attention_mask if self._masked(attention_mask) else None,
-                                     per_token=loss_per_token)
-        if return_type == "loss":
-            return loss
-        if return_type == "both":
-            from fxhook.runtime.model import Output
-
-            return Output(logits, loss)
-        raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+        return self._shaped_output(logits, tokens, attention_mask, return_type, loss_per_token)
 
     # ------------------------------------------------------------ generate
     def _generation_input(self, input, prepend_bos, padding_side, attention_mask=None):

@@ -280,9 +280,10 @@ class HookedTransformer(LoadingMixin, TokenizerMixin, WeightViewsMixin, Generati
             return self._forward_with_cache(input, past_kv_cache, return_type, loss_per_token, prepend_bos,
                                             padding_side, attention_mask, start_at_layer, stop_at_layer)
         start, stop = self._layer_range(start_at_layer, stop_at_layer)
+        loss_tokens = tokens  # with start_at_layer, a loss needs the real tokens passed as tokens=
         if start is None:
             tokens, attention_mask = self.input_to_tokens(input, prepend_bos, padding_side, attention_mask)
-            residual = None
+            loss_tokens, residual = tokens, None
         else:
             residual = input
             if tokens is None:
@@ -293,19 +294,24 @@ class HookedTransformer(LoadingMixin, TokenizerMixin, WeightViewsMixin, Generati
         gm = self.graph_for(GraphSpec.from_cfg(self.cfg, start, stop, self.live_hooks()))
         args = (tokens, attention_mask) if residual is None else (tokens, attention_mask, residual)
         out = gm(*args)
-        if stop is not None or return_type is None:
-            return None if (return_type is None and stop is None) else out
+        if stop is not None:
+            return out  # the residual stream entering block `stop`, whatever return_type says (as TL)
+        return self._shaped_output(out, loss_tokens, attention_mask, return_type, loss_per_token)
+
+    def _shaped_output(self, logits: torch.Tensor, tokens: torch.Tensor | None, attention_mask: torch.Tensor,
+                       return_type: ReturnType, loss_per_token: bool):
+        """What forward returns for `return_type`, from the logits [b, p, d_vocab]."""
+        if return_type is None:
+            return None
         if return_type == "logits":
-            return out
-        if tokens is None or start is not None and return_type != "logits":
+            return logits
+        if return_type not in ("loss", "both"):
+            raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+        if tokens is None:
             raise ValueError("a loss needs the input tokens: pass tokens= with start_at_layer")
-        loss = lm_cross_entropy_loss(out, tokens, attention_mask if self._masked(attention_mask) else None,
+        loss = lm_cross_entropy_loss(logits, tokens, attention_mask if self._masked(attention_mask) else None,
                                      per_token=loss_per_token)
-        if return_type == "loss":
-            return loss
-        if return_type == "both":
-            return Output(out, loss)
-        raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+        return loss if return_type == "loss" else Output(logits, loss)
 
     @staticmethod
     def _masked(attention_mask: torch.Tensor) -> bool:
