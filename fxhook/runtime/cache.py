@@ -5,11 +5,16 @@ from typing import Iterator
 
 import torch
 
+from fxhook.analysis.cache_analysis import CacheAnalysisMixin
 from fxhook.utils import get_act_name
 
 
-class ActivationCache:
-    """A mapping hook name -> activation. `cache["pattern", 0]` expands like get_act_name."""
+class ActivationCache(CacheAnalysisMixin):
+    """A mapping hook name -> activation. `cache["pattern", 0]` expands like get_act_name.
+
+    The analysis methods (accumulated_resid, decompose_resid, stack_head_results,
+    logit_attrs, ...) come from fxhook.analysis, with TransformerLens 3.9's semantics.
+    """
 
     def __init__(self, cache_dict: dict[str, torch.Tensor], model, has_batch_dim: bool = True):
         self.cache_dict = cache_dict
