@@ -15,3 +15,58 @@ settings.register_profile("thorough", max_examples=60, deadline=None,
 settings.load_profile(os.environ.get("FXHOOK_HYPOTHESIS_PROFILE", "ci"))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+# --------------------------------------------------------------------------- support table
+# `@pytest.mark.support(family, feature)`: this test checks `feature` for `family` (tests/support.py).
+# With FXHOOK_SUPPORT_JSON=path the outcomes are written there for scripts/support_table.py.
+import pytest  # noqa: E402
+
+import support  # noqa: E402
+
+_records: list[support.Record] = []
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", f"support(family, feature): the test checks feature ({', '.join(support.FEATURES)}) for "
+                   "a model family ('*': the families it draws); feeds the README support table")
+
+
+def _support_tags(item) -> list[tuple[str, str]]:
+    tags = []
+    for mark in item.iter_markers("support"):
+        family, feature = mark.args
+        if feature not in support.FEATURES:
+            raise pytest.UsageError(f"{item.nodeid}: support feature {feature!r} is not one of {support.FEATURES}")
+        tags.append((family, feature))
+    return tags
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    support.reset_seen()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    tags = _support_tags(item)
+    if not tags:
+        return
+    report = outcome.get_result()
+    record = next((r for r in _records if r.nodeid == item.nodeid), None)
+    if record is None:
+        record = support.Record(item.nodeid, tags)
+        _records.append(record)
+    record.seen |= support.seen()
+    if report.failed:
+        record.outcome = "failed"
+    elif report.skipped and record.outcome == "passed":
+        record.outcome = "skipped"
+
+
+def pytest_sessionfinish(session):
+    path = os.environ.get(support.ENV_VAR)
+    if path and _records:
+        support.write(path, _records)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from hypothesis import Phase, strategies as st
+from support import note_family
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, \
     MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -71,6 +72,7 @@ def build_hf_model(spec: ModelSpec, n_ctx: int = 64, tl_compatible: bool = False
 
     tl_compatible: keep gate/up MLP biases zero (TransformerLens's gated MLP cannot represent them).
     """
+    note_family(spec.family)
     torch.manual_seed(spec.seed)
     if spec.family == "gpt2":
         config = GPT2Config(n_layer=spec.n_layers, n_embd=spec.d_model, n_head=spec.n_heads,
@@ -99,6 +101,7 @@ def build_hf_model(spec: ModelSpec, n_ctx: int = 64, tl_compatible: bool = False
 @st.composite
 def model_specs(draw, families=("gpt2", "llama", "mistral", "qwen2")) -> ModelSpec:
     family = draw(st.sampled_from(families))
+    note_family(family)
     n_heads = draw(st.sampled_from([1, 2, 4, 6]))
     if family == "gpt2":
         n_kv = n_heads

@@ -74,6 +74,7 @@ def expected_hook_shapes(spec: ModelSpec, batch: int, pos: int) -> dict[str, tup
 
 
 # --------------------------------------------------------------------------- logits
+@pytest.mark.support("*", "exact")
 @settings(phases=NO_SHRINK)
 @given(spec=model_specs(), batch=token_batches())
 def test_logits_match_hf_and_left_padding_is_invisible(spec, batch):
@@ -98,6 +99,7 @@ def test_logits_match_hf_and_left_padding_is_invisible(spec, batch):
 
 
 # ------------------------------------------------------------------------ hook set
+@pytest.mark.support("*", "hooks")
 @settings(phases=NO_SHRINK)
 @given(spec=model_specs(), batch=token_batches(max_len=8))
 def test_hook_set_and_shapes_follow_the_contract(spec, batch):
@@ -163,6 +165,7 @@ def check_residual_stream(spec, hf, logits, cache, tokens, mask):
 
 
 # ----------------------------------------------------------------------- attention
+@pytest.mark.support("*", "hooks")
 @settings(phases=NO_SHRINK)
 @given(spec=model_specs(), batch=token_batches())
 def test_attention_hooks(spec, batch):
@@ -237,6 +240,7 @@ def check_qkv_hooks_are_hf_projections_and_rotary_matches_hf(spec, hf, model, to
 
 
 # ------------------------------------------------------------------- interventions
+@pytest.mark.support("*", "hooks")
 @settings(phases=NO_SHRINK)
 @given(spec=model_specs(), batch=token_batches(), data=st.data())
 def test_zeroing_a_head_matches_the_same_edit_inside_hf(spec, batch, data):

@@ -67,6 +67,7 @@ def pair(request):
 
 
 # ------------------------------------------------------------------ equal to HF generate
+@pytest.mark.support("*", "generate")
 @settings(max_examples=3, phases=NO_SHRINK)
 @given(spec=model_specs(), seed=st.integers(0, 2**16))
 def test_greedy_equals_hf_generate_with_and_without_cache(spec, seed):
@@ -77,6 +78,7 @@ def test_greedy_equals_hf_generate_with_and_without_cache(spec, seed):
     assert greedy(model, tokens, mask, 6, use_past_kv_cache=False).tolist() == expected.tolist()
 
 
+@pytest.mark.support("mistral", "generate")
 def test_sliding_window_is_applied_in_the_cache():
     spec = ModelSpec("mistral", 2, 4, 2, 8, 40, True, False, 5)
     hf, model = sharpened(spec, sliding_window=3)

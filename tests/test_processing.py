@@ -24,6 +24,7 @@ def _processed(hf, **flags):
     return model
 
 
+@pytest.mark.support("*", "processing")
 @settings(max_examples=5)
 @given(spec=model_specs(), batch=token_batches(), chosen=st.sampled_from(
     [(f,) for f in FLAGS] + [FLAGS, ("fold_ln", "center_writing_weights", "fold_value_biases")]))
@@ -58,6 +59,7 @@ def test_folded_layer_norm_hooks_see_the_pure_normalised_input(spec):
     assert model.cfg.normalization_type == "LNPre"
 
 
+@pytest.mark.support("*", "processing")
 @settings(max_examples=4)
 @given(spec=model_specs())
 def test_canonical_forms(spec):

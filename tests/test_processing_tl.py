@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import warnings
 
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -32,6 +33,7 @@ def _tl_comparable(spec: ModelSpec) -> ModelSpec:
     return ModelSpec(**fields)
 
 
+@pytest.mark.support("*", "processing")
 @settings(max_examples=5)
 @given(spec=model_specs(families=("gpt2", "llama")),
        flags=st.sampled_from([dict.fromkeys(FLAGS, True), {"fold_ln": True}, {"fold_value_biases": True},
