@@ -1,0 +1,231 @@
+"""Activation patching: run the corrupted input, put back one piece of the clean run's activation,
+and measure how far the output moves back (TransformerLens 3.9's patching module, same names
+and result shapes).
+
+    clean_logits, clean_cache = model.run_with_cache(clean_tokens)
+    metric = lambda logits: logits[0, -1, paris] - logits[0, -1, rome]        # -> scalar tensor
+    results = get_act_patch_resid_pre(model, corrupted_tokens, clean_cache, metric)   # [layer, pos]
+
+Every function runs the model once per index (a tqdm bar shows on sweeps of more than
+PROGRESS_FROM runs; pass progress=True/False to choose), under torch.no_grad.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Callable, Literal, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from fxhook.utils import get_act_name
+
+AxisName = Literal["layer", "pos", "head_index", "head", "src_pos", "dest_pos"]
+Metric = Callable[[torch.Tensor], torch.Tensor]  # logits [batch, pos, d_vocab] -> scalar
+PatchSetter = Callable[[torch.Tensor, Sequence[int], torch.Tensor], torch.Tensor]
+PROGRESS_FROM = 20
+
+
+# ------------------------------------------------------------------ setters
+# (corrupted activation, index, clean activation) -> patched activation; index[0] is the layer.
+def layer_patch_setter(corrupted: torch.Tensor, index: Sequence[int], clean: torch.Tensor) -> torch.Tensor:
+    """index = [layer]: the whole activation, every position."""
+    return clean.clone()
+
+
+def layer_pos_patch_setter(corrupted: torch.Tensor, index: Sequence[int], clean: torch.Tensor) -> torch.Tensor:
+    """index = [layer, pos], for [batch, pos, ...] activations (residual, outputs, MLP)."""
+    _, pos = index
+    corrupted[:, pos] = clean[:, pos]
+    return corrupted
+
+
+def layer_pos_head_vector_patch_setter(corrupted: torch.Tensor, index: Sequence[int], clean: torch.Tensor
+                                       ) -> torch.Tensor:
+    """index = [layer, pos, head], for [batch, pos, head, d_head] activations (q, k, v, z)."""
+    _, pos, head = index
+    corrupted[:, pos, head] = clean[:, pos, head]
+    return corrupted
+
+
+def layer_head_vector_patch_setter(corrupted: torch.Tensor, index: Sequence[int], clean: torch.Tensor
+                                   ) -> torch.Tensor:
+    """index = [layer, head], every position, for [batch, pos, head, d_head] activations."""
+    _, head = index
+    corrupted[:, :, head] = clean[:, :, head]
+    return corrupted
+
+
+def layer_head_pattern_patch_setter(corrupted: torch.Tensor, index: Sequence[int], clean: torch.Tensor
+                                    ) -> torch.Tensor:
+    """index = [layer, head], for [batch, head, dest_pos, src_pos] patterns and scores."""
+    _, head = index
+    corrupted[:, head] = clean[:, head]
+    return corrupted
+
+
+def layer_head_pos_pattern_patch_setter(corrupted: torch.Tensor, index: Sequence[int], clean: torch.Tensor
+                                        ) -> torch.Tensor:
+    """index = [layer, head, dest_pos]: one query row of a pattern."""
+    _, head, dest = index
+    corrupted[:, head, dest] = clean[:, head, dest]
+    return corrupted
+
+
+def layer_head_dest_src_pos_pattern_patch_setter(corrupted: torch.Tensor, index: Sequence[int],
+                                                 clean: torch.Tensor) -> torch.Tensor:
+    """index = [layer, head, dest_pos, src_pos]: one entry of a pattern."""
+    _, head, dest, src = index
+    corrupted[:, head, dest, src] = clean[:, head, dest, src]
+    return corrupted
+
+
+# ------------------------------------------------------------------ the generic sweep
+def _axis_sizes(model, activation_name: str, n_pos: int) -> dict[str, int]:
+    heads = model.cfg.n_kv_heads if activation_name in ("k", "v") else model.cfg.n_heads
+    return {"layer": model.cfg.n_layers, "pos": n_pos, "src_pos": n_pos, "dest_pos": n_pos,
+            "head_index": heads, "head": heads}
+
+
+def _rows_of(index_df) -> tuple[list[tuple[int, ...]], list[str] | None]:
+    """Rows of explicit indices: a pandas DataFrame (columns are axis names) or a list of tuples."""
+    if hasattr(index_df, "itertuples"):
+        return [tuple(int(v) for v in row) for row in index_df.itertuples(index=False)], list(index_df.columns)
+    rows = [tuple(int(v) for v in row) for row in index_df]
+    return rows, None
+
+
+def generic_activation_patch(model, corrupted_tokens: torch.Tensor | str, clean_cache, patching_metric: Metric,
+                             patch_setter: PatchSetter, activation_name: str,
+                             index_axis_names: Sequence[AxisName] | None = None, index_df=None,
+                             return_index_df: bool = False, progress: bool | None = None):
+    """The patching metric for every index: [one axis per index_axis_names], or [rows] when the
+    indices are given explicitly as index_df (a DataFrame or a list of tuples, layer first).
+
+    patch_setter(corrupted_activation, index, clean_activation) returns the patched activation;
+    activation_name is a short name ("resid_pre", "z", "pattern", ...) completed with the layer.
+    return_index_df: also return the indices as a pandas DataFrame.
+    """
+    if isinstance(corrupted_tokens, str):
+        corrupted_tokens = model.to_tokens(corrupted_tokens)
+    if (index_axis_names is None) == (index_df is None):
+        raise ValueError("pass exactly one of index_axis_names (axes to sweep, e.g. ('layer', 'pos')) and "
+                         "index_df (explicit indices)")
+    if index_df is None:
+        sizes = _axis_sizes(model, activation_name, corrupted_tokens.shape[-1])
+        unknown = [a for a in index_axis_names if a not in sizes]
+        if unknown:
+            raise ValueError(f"unknown axis names {unknown}; known: {sorted(sizes)}")
+        columns = list(index_axis_names)
+        shape = [sizes[a] for a in columns]
+        rows = list(itertools.product(*(range(s) for s in shape)))
+    else:
+        rows, columns = _rows_of(index_df)
+        shape = [len(rows)]
+    results = torch.zeros(shape, device=corrupted_tokens.device)
+
+    def patch(clean: torch.Tensor, index: Sequence[int]):
+        def hook(activation: torch.Tensor, hook) -> torch.Tensor:
+            if activation.shape != clean.shape:
+                raise ValueError(f"{hook.name}: the corrupted activation has shape {tuple(activation.shape)} but "
+                                 f"the clean one {tuple(clean.shape)}; clean and corrupted inputs must have the "
+                                 "same batch size and number of tokens")
+            return patch_setter(activation.clone(), index, clean.to(activation.device))
+        return hook
+
+    show = len(rows) > PROGRESS_FROM if progress is None else progress
+    with torch.no_grad():
+        for i, index in enumerate(tqdm(rows, desc=f"patching {activation_name}", disable=not show)):
+            name = get_act_name(activation_name, index[0])
+            logits = model.run_with_hooks(corrupted_tokens, fwd_hooks=[(name, patch(clean_cache[name], index))])
+            value = patching_metric(logits)
+            results[index if index_df is None else i] = float(value)
+    if not return_index_df:
+        return results
+    import pandas as pd
+
+    return results, pd.DataFrame(rows, columns=columns)
+
+
+# ------------------------------------------------------------------ the usual sweeps
+def _sweep(activation_name: str, setter: PatchSetter, axes: tuple[str, ...], what: str):
+    def run(model, corrupted_tokens, clean_cache, patching_metric: Metric, progress: bool | None = None
+            ) -> torch.Tensor:
+        return generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metric, setter,
+                                        activation_name, index_axis_names=axes, progress=progress)
+    run.__doc__ = f"Patch {what}; returns the metric as [{', '.join(axes)}]."
+    return run
+
+
+get_act_patch_resid_pre = _sweep("resid_pre", layer_pos_patch_setter, ("layer", "pos"),
+                                 "the residual stream entering each block, one position at a time")
+get_act_patch_resid_mid = _sweep("resid_mid", layer_pos_patch_setter, ("layer", "pos"),
+                                 "the residual stream between attention and MLP, one position at a time")
+get_act_patch_attn_out = _sweep("attn_out", layer_pos_patch_setter, ("layer", "pos"),
+                                "each attention layer's output, one position at a time")
+get_act_patch_mlp_out = _sweep("mlp_out", layer_pos_patch_setter, ("layer", "pos"),
+                               "each MLP's output, one position at a time")
+get_act_patch_resid_pre_all_pos = _sweep("resid_pre", layer_patch_setter, ("layer",),
+                                         "the residual stream entering each block, every position at once")
+get_act_patch_attn_out_all_pos = _sweep("attn_out", layer_patch_setter, ("layer",),
+                                        "each attention layer's output, every position at once")
+get_act_patch_mlp_out_all_pos = _sweep("mlp_out", layer_patch_setter, ("layer",),
+                                       "each MLP's output, every position at once")
+get_act_patch_attn_head_out_by_pos = _sweep("z", layer_pos_head_vector_patch_setter, ("layer", "pos", "head"),
+                                            "each head's output (hook_z) at each position")
+get_act_patch_attn_head_q_by_pos = _sweep("q", layer_pos_head_vector_patch_setter, ("layer", "pos", "head"),
+                                          "each head's query at each position")
+get_act_patch_attn_head_k_by_pos = _sweep("k", layer_pos_head_vector_patch_setter, ("layer", "pos", "head"),
+                                          "each key head's key at each position (kv heads under GQA)")
+get_act_patch_attn_head_v_by_pos = _sweep("v", layer_pos_head_vector_patch_setter, ("layer", "pos", "head"),
+                                          "each value head's value at each position (kv heads under GQA)")
+get_act_patch_attn_head_pattern_by_pos = _sweep("pattern", layer_head_pos_pattern_patch_setter,
+                                                ("layer", "head_index", "dest_pos"),
+                                                "each head's attention pattern, one query position at a time")
+get_act_patch_attn_head_pattern_dest_src_pos = _sweep(
+    "pattern", layer_head_dest_src_pos_pattern_patch_setter, ("layer", "head_index", "dest_pos", "src_pos"),
+    "each single entry of each head's attention pattern")
+get_act_patch_attn_head_out_all_pos = _sweep("z", layer_head_vector_patch_setter, ("layer", "head"),
+                                             "each head's output (hook_z), every position at once")
+get_act_patch_attn_head_q_all_pos = _sweep("q", layer_head_vector_patch_setter, ("layer", "head"),
+                                           "each head's query, every position at once")
+get_act_patch_attn_head_k_all_pos = _sweep("k", layer_head_vector_patch_setter, ("layer", "head"),
+                                           "each key head's key, every position at once")
+get_act_patch_attn_head_v_all_pos = _sweep("v", layer_head_vector_patch_setter, ("layer", "head"),
+                                           "each value head's value, every position at once")
+get_act_patch_attn_head_pattern_all_pos = _sweep("pattern", layer_head_pattern_patch_setter,
+                                                 ("layer", "head_index"), "each head's whole attention pattern")
+
+
+def _pad_heads(results: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """k/v sweeps have kv-head columns under GQA: pad with zeros to n_heads, as TransformerLens."""
+    return torch.nn.functional.pad(results, (0, n_heads - results.shape[-1]))
+
+
+def get_act_patch_attn_head_all_pos_every(model, corrupted_tokens, clean_cache, metric: Metric,
+                                          progress: bool | None = None) -> torch.Tensor:
+    """[5 (z, q, k, v, pattern), layer, head]: every head, every position at once."""
+    n = model.cfg.n_heads
+    args = (model, corrupted_tokens, clean_cache, metric, progress)
+    return torch.stack([get_act_patch_attn_head_out_all_pos(*args), get_act_patch_attn_head_q_all_pos(*args),
+                        _pad_heads(get_act_patch_attn_head_k_all_pos(*args), n),
+                        _pad_heads(get_act_patch_attn_head_v_all_pos(*args), n),
+                        get_act_patch_attn_head_pattern_all_pos(*args)])
+
+
+def get_act_patch_attn_head_by_pos_every(model, corrupted_tokens, clean_cache, metric: Metric,
+                                         progress: bool | None = None) -> torch.Tensor:
+    """[5 (z, q, k, v, pattern), layer, pos, head]: every head at every (query) position."""
+    n = model.cfg.n_heads
+    args = (model, corrupted_tokens, clean_cache, metric, progress)
+    pattern = get_act_patch_attn_head_pattern_by_pos(*args).transpose(-1, -2)  # [layer, dest_pos, head]
+    return torch.stack([get_act_patch_attn_head_out_by_pos(*args), get_act_patch_attn_head_q_by_pos(*args),
+                        _pad_heads(get_act_patch_attn_head_k_by_pos(*args), n),
+                        _pad_heads(get_act_patch_attn_head_v_by_pos(*args), n), pattern])
+
+
+def get_act_patch_block_every(model, corrupted_tokens, clean_cache, metric: Metric,
+                              progress: bool | None = None) -> torch.Tensor:
+    """[3 (resid_pre, attn_out, mlp_out), layer, pos]."""
+    args = (model, corrupted_tokens, clean_cache, metric, progress)
+    return torch.stack([get_act_patch_resid_pre(*args), get_act_patch_attn_out(*args),
+                        get_act_patch_mlp_out(*args)])

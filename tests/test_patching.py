@@ -1,0 +1,120 @@
+"""Activation patching: clean into clean gives the clean metric, a patch that changes nothing gives
+the corrupted one, a whole residual stream restores the clean run; and TransformerLens 3.9's
+patching functions give the same tensors on the same model."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from fxhook import HookedTransformer
+from fxhook.analysis import patching
+from models import NO_SHRINK, VOCAB, ModelSpec, build_hf_model, model_specs
+from tl_reference import tl_model
+
+
+def prompts(length: int, seed: int, n_changed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(clean, corrupted) [1, length]: the corrupted one differs in its first n_changed tokens."""
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(2, VOCAB, (1, length), generator=g)
+    corrupted = clean.clone()
+    corrupted[0, :n_changed] = (clean[0, :n_changed] + 1 + torch.randint(0, 50, (n_changed,), generator=g)) % VOCAB
+    return clean, corrupted
+
+
+def metric_for(answer: int, wrong: int):
+    return lambda logits: logits[0, -1, answer] - logits[0, -1, wrong]
+
+
+@settings(max_examples=4, phases=NO_SHRINK)
+@given(spec=model_specs(), length=st.integers(3, 6), data=st.data())
+def test_patching_properties(spec, length, data):
+    model = HookedTransformer.from_pretrained_no_processing(hf_model=build_hf_model(spec))
+    clean, corrupted = prompts(length, spec.seed, data.draw(st.integers(1, length - 1)))
+    metric = metric_for(3, 4)
+    with torch.no_grad():
+        clean_logits, clean_cache = model.run_with_cache(clean)
+        corrupted_logits, corrupted_cache = model.run_with_cache(corrupted)
+    clean_value, corrupted_value = metric(clean_logits).item(), metric(corrupted_logits).item()
+    n_layers, n_heads, n_kv = model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_kv_heads
+
+    def all_equal(results: torch.Tensor, value: float) -> bool:
+        return bool(torch.allclose(results, torch.full_like(results, value), atol=1e-4))
+
+    # the clean activation patched into the clean run: the clean metric, whatever is patched
+    for sweep, shape in ((patching.get_act_patch_resid_pre, (n_layers, length)),
+                         (patching.get_act_patch_attn_head_out_all_pos, (n_layers, n_heads)),
+                         (patching.get_act_patch_attn_head_k_all_pos, (n_layers, n_kv)),
+                         (patching.get_act_patch_attn_head_pattern_all_pos, (n_layers, n_heads))):
+        results = sweep(model, clean, clean_cache, metric)
+        assert results.shape == shape and all_equal(results, clean_value), sweep.__name__
+
+    # a patch that changes nothing leaves the corrupted metric
+    keep = patching.generic_activation_patch(model, corrupted, clean_cache, metric,
+                                             lambda corrupted_act, index, clean_act: corrupted_act, "mlp_out",
+                                             index_axis_names=("layer", "pos"))
+    assert all_equal(keep, corrupted_value)
+    # the clean run's own activation is no change either: layer-0 positions whose token is the same
+    by_pos = patching.get_act_patch_resid_pre(model, corrupted, clean_cache, metric)
+    same = (clean[0] == corrupted[0]).nonzero()[:, 0]
+    assert all_equal(by_pos[0, same], corrupted_value)
+    # the whole clean residual stream entering any block restores the clean metric
+    assert all_equal(patching.get_act_patch_resid_pre_all_pos(model, corrupted, clean_cache, metric), clean_value)
+    # the corrupted cache patched into the corrupted run changes nothing
+    assert all_equal(patching.get_act_patch_mlp_out_all_pos(model, corrupted, corrupted_cache, metric),
+                     corrupted_value)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    spec = ModelSpec("llama", 2, 4, 2, 8, 40, False, False, 5)  # GQA: k/v sweeps have 2 heads
+    hf = build_hf_model(spec, tl_compatible=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = HookedTransformer.from_pretrained(hf_model=hf, center_writing_weights=False)
+        theirs = tl_model(hf, fold_ln=True, center_unembed=True, fold_value_biases=True)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("name", ["get_act_patch_resid_pre", "get_act_patch_attn_head_k_by_pos",
+                                  "get_act_patch_attn_head_pattern_by_pos", "get_act_patch_attn_head_all_pos_every",
+                                  "get_act_patch_block_every"])
+def test_matches_transformer_lens(pair, name):
+    import transformer_lens.patching as tl_patching
+
+    ours, theirs = pair
+    clean, corrupted = prompts(5, 1, 2)
+    metric = metric_for(3, 4)
+    with torch.no_grad():
+        _, our_cache = ours.run_with_cache(clean)
+        _, their_cache = theirs.run_with_cache(clean)
+    mine = getattr(patching, name)(ours, corrupted, our_cache, metric, progress=False)
+    expected = getattr(tl_patching, name)(theirs, corrupted, their_cache, metric)
+    assert mine.shape == expected.shape
+    assert torch.allclose(mine, expected, atol=1e-4)
+
+
+def test_explicit_indices_progress_and_errors(pair, capfd):
+    model, _ = pair
+    clean, corrupted = prompts(4, 2, 1)
+    metric = metric_for(3, 4)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean)
+    grid, index_df = patching.generic_activation_patch(
+        model, corrupted, cache, metric, patching.layer_pos_head_vector_patch_setter, "z",
+        index_axis_names=("layer", "pos", "head"), return_index_df=True, progress=True)
+    assert "patching z" in capfd.readouterr().err  # the progress bar
+    assert list(index_df.columns) == ["layer", "pos", "head"] and len(index_df) == grid.numel()
+    rows = [(1, 3, 2), (0, 1, 0)]
+    picked = patching.generic_activation_patch(model, corrupted, cache, metric,
+                                               patching.layer_pos_head_vector_patch_setter, "z", index_df=rows)
+    assert torch.allclose(picked, torch.stack([grid[1, 3, 2], grid[0, 1, 0]]))
+    patching.get_act_patch_attn_out(model, corrupted, cache, metric)  # 8 runs: no bar by default
+    assert "patching" not in capfd.readouterr().err
+    with pytest.raises(ValueError, match="same batch size and number of tokens"):
+        patching.get_act_patch_resid_pre(model, corrupted[:, :3], cache, metric)
+    with pytest.raises(ValueError, match="exactly one of"):
+        patching.generic_activation_patch(model, corrupted, cache, metric, patching.layer_pos_patch_setter,
+                                          "resid_pre")
