@@ -239,8 +239,22 @@ def test_bad_arguments(pair):
         model.generate(tokens, max_new_tokens=2, verbose=False)  # no tokenizer, no eos_token_id
     with pytest.raises(ValueError, match="return_type"):
         model.generate(tokens, max_new_tokens=2, return_type="logits", stop_at_eos=False, verbose=False)
-    with pytest.raises(NotImplementedError, match="embeddings"):
-        model.generate(torch.randn(1, 3, model.cfg.d_model), max_new_tokens=2, stop_at_eos=False, verbose=False)
+    embeds = torch.randn(1, 3, model.cfg.d_model)
+    with pytest.raises(ValueError, match="tokenizer"):  # nothing can decode the new tokens
+        model.generate(embeds, max_new_tokens=2, return_type="str", stop_at_eos=False, verbose=False)
+    with pytest.raises(ValueError, match="d_model"):
+        model.generate(torch.randn(1, 3, model.cfg.d_model + 1), max_new_tokens=2, stop_at_eos=False, verbose=False)
+    with pytest.raises(ValueError, match="EOS"):
+        model.generate(embeds, max_new_tokens=2, verbose=False)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(embeds, max_new_tokens=-2, stop_at_eos=False, verbose=False)
+    with pytest.raises(ValueError, match="use_past_kv_cache"):
+        model.generate(tokens, max_new_tokens=2, stop_at_eos=False, verbose=False, use_past_kv_cache=False,
+                       use_compiled_decode=True)
+    with pytest.raises(ValueError, match="attention_mask"):
+        model.generate(embeds, max_new_tokens=2, stop_at_eos=False, verbose=False, attention_mask=mask)
+    with pytest.warns(UserWarning, match="num_beams"):
+        model.generate(tokens, max_new_tokens=1, stop_at_eos=False, verbose=False, num_beams=2)
     with pytest.raises(TypeError, match="KVCache"):
         model(tokens, past_kv_cache=object())
     with pytest.raises(ValueError, match="batch size"):
@@ -357,14 +371,24 @@ def test_stream_yields_nothing_without_new_tokens(pair):
 def test_decode_graph_self_check_refuses_a_wrong_decode(pair):
     from fxhook.capture.kv import verify_decode
     from fxhook.compiler import GraphSpec
+    from fxhook.runtime.decode import DecodeKind
 
     _, model = pair
     cfg = model.cfg
+    args = (model.captured, cfg.n_layers, cfg.n_kv_heads, cfg.d_head, cfg.d_vocab)
     decode = model.decode_graph_for(GraphSpec.from_cfg(cfg))  # built (and verified) without error
-    verify_decode(decode, model.captured, cfg.n_layers, cfg.n_kv_heads, cfg.d_head, cfg.d_vocab)
+    verify_decode(decode, *args)
+    static = model.decode_graph_for(GraphSpec.from_cfg(cfg), DecodeKind(static=True))
+    verify_decode(static, *args, static=True)
 
-    def positions_ignored(ids, mask, *kv):  # as if the model counted positions from 0 at every step
-        return decode(ids, torch.ones_like(mask[:, -ids.shape[1]:]) if not kv[0].shape[2] else mask, *kv)
+    def padding_ignored(ids, positions, mask, *rest):  # as if the model's HF code dropped the padding mask
+        return decode(ids, positions, torch.ones_like(mask), *rest)
 
     with pytest.raises(NotImplementedError, match="use_past_kv_cache=False"):
-        verify_decode(positions_ignored, model.captured, cfg.n_layers, cfg.n_kv_heads, cfg.d_head, cfg.d_vocab)
+        verify_decode(padding_ignored, *args)
+
+    def reads_unwritten_slots(ids, positions, mask, *rest):  # a static cache that ignores its padding mask
+        return static(ids, positions, torch.ones_like(mask), *rest)
+
+    with pytest.raises(NotImplementedError, match="use_past_kv_cache=False"):
+        verify_decode(reads_unwritten_slots, *args, static=True)

@@ -75,3 +75,54 @@ class KVCache:
     def __repr__(self) -> str:
         shape = tuple(self.keys[0].shape) if self.keys else ()
         return f"KVCache(n_layers={self.n_layers}, keys[0]={shape}, frozen={self.frozen})"
+
+
+class StaticKVCache:
+    """Preallocated keys and values for compiled decode: per layer [batch, kv_heads, max_len, d_head].
+
+    The decode graph writes each step's keys and values in place at the step's cache positions, so
+    every step sees tensors of the same shapes and a compiled step never recompiles. `attention_mask`
+    [batch, max_len] is 1 for real tokens (0 for left padding); slots past `length` are never read.
+    """
+
+    def __init__(self, cfg, batch_size: int, max_len: int, n_kv_heads: int, dtype: torch.dtype,
+                 device: torch.device | str):
+        shape = (batch_size, n_kv_heads, max_len, cfg.d_head)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.attention_mask = torch.zeros((batch_size, max_len), dtype=torch.long, device=device)
+        self.length = 0  # slots written so far
+
+    @staticmethod
+    def bucket(length: int, n_ctx: int, smallest: int = 64) -> int:
+        """Buffer length for a sequence of `length`: a power of two (so calls of similar lengths share
+        one compiled graph), at most n_ctx."""
+        size = smallest
+        while size < length:
+            size *= 2
+        return max(min(size, n_ctx), length)
+
+    @property
+    def max_len(self) -> int:
+        return self.attention_mask.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.attention_mask.shape[0]
+
+    def reserve(self, mask: torch.Tensor) -> torch.Tensor:
+        """Mark the next mask.shape[1] slots with `mask` [batch, q]; returns their cache positions [q]."""
+        start, stop = self.length, self.length + mask.shape[1]
+        if stop > self.max_len:
+            raise ValueError(f"the static KV cache holds {self.max_len} positions; {stop} were asked for")
+        self.attention_mask[:, start:stop] = mask
+        self.length = stop
+        return torch.arange(start, stop, device=mask.device)
+
+    def positions(self, q_len: int) -> torch.Tensor:
+        """Position ids [batch, q] of the last q_len written slots (padding not counted)."""
+        written = self.attention_mask[:, :self.length]
+        return (written.cumsum(-1) - 1).clamp(min=0)[:, self.length - q_len:]
+
+    def __repr__(self) -> str:
+        return f"StaticKVCache(n_layers={len(self.keys)}, keys[0]={tuple(self.keys[0].shape)}, length={self.length})"
