@@ -7,7 +7,7 @@ so supporting a new family means writing one `Adapter` in `adapters/`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Callable, Literal
 
 from fxhook.weights import Projection
 
@@ -22,6 +22,11 @@ class Site:
     module: str
     side: Literal["output", "input"] = "output"
     split_heads: bool = False  # the tensor is [b, p, heads * d_head]: mark as [b, p, heads, d_head]
+    # a slice of a fused output (GPT-NeoX's query_key_value): chunk `chunk` of `n_chunks`, laid out
+    # [n_chunks, heads, d_head] along the last axis, or [heads, n_chunks, d_head] when interleaved
+    chunk: int = 0
+    n_chunks: int = 1
+    interleaved: bool = False
 
 
 @dataclass(frozen=True)
@@ -36,7 +41,7 @@ class Adapter:
     # inside each block
     ln1: str
     attn: str
-    ln2: str
+    ln2: str | None  # None: the MLP reads ln1's output too (GPT-J, Phi); it is hooked as ln2 of resid_pre
     mlp: str
     norm_kind: NormKind
     positional: PositionalKind
@@ -60,7 +65,20 @@ class Adapter:
     mlp_out: Projection | None = None
     # how to read the norm's epsilon from the module
     norm_eps_attr: tuple[str, ...] = ("eps", "variance_epsilon")
+    # attention and MLP both read resid_pre and write resid_post (GPT-J, NeoX, Phi): no hook_resid_mid
+    parallel_attn_mlp: bool = False
+    # learned positions: rows of the position table before position 0 (OPT: 2)
+    pos_embed_offset: int = 0
+    # rotary on adjacent pairs (GPT-J) rather than on halves (TransformerLens's rotary_adjacent_pairs)
+    rotary_adjacent_pairs: bool = False
+    # (hf_config) -> the adapter for that config (e.g. NeoX's use_parallel_residual); raises
+    # NotImplementedError for configs the family's adapter cannot run
+    for_config: Callable[[Any], "Adapter"] | None = None
     extra: dict = field(default_factory=dict)
+
+    def specialised(self, hf_config) -> "Adapter":
+        """This adapter as it applies to `hf_config` (itself unless `for_config` says otherwise)."""
+        return self if self.for_config is None else self.for_config(hf_config)
 
     @property
     def neutral_norm_weight(self) -> float:

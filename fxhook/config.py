@@ -32,6 +32,7 @@ class HookedTransformerConfig:
     positional_embedding_type: str = "standard"
     rotary_dim: int | None = None
     rotary_base: float = 10000.0
+    rotary_adjacent_pairs: bool = False
     gated_mlp: bool = False
     final_rms: bool = False
     original_architecture: str | None = None
@@ -135,6 +136,16 @@ def _rope_theta(hf_config) -> float:
     return float(_first(hf_config, "rope_theta", default=10000.0))
 
 
+def _rotary_dim(hf_config, d_head: int) -> int:
+    """Partial rotary (NeoX rotary_pct, Phi partial_rotary_factor, GPT-J rotary_dim); d_head when full."""
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    factor = params.get("partial_rotary_factor") if isinstance(params, dict) else None
+    factor = factor if factor is not None else _first(hf_config, "partial_rotary_factor", "rotary_pct")
+    if factor is not None:
+        return int(d_head * float(factor))
+    return int(_first(hf_config, "rotary_dim", default=d_head))
+
+
 def config_from_hf(hf_config, adapter: Adapter, model_name: str = "custom") -> HookedTransformerConfig:
     """Read the TransformerLens fields from a HF config (HF's attribute_map covers name variants)."""
     d_model = int(hf_config.hidden_size)
@@ -157,6 +168,9 @@ def config_from_hf(hf_config, adapter: Adapter, model_name: str = "custom") -> H
         normalization_type=_NORM_TYPE[adapter.norm_kind],
         positional_embedding_type=_POS_TYPE[adapter.positional],
         rotary_base=_rope_theta(hf_config) if adapter.rotary else 10000.0,
+        rotary_dim=_rotary_dim(hf_config, d_head) if adapter.rotary else None,
+        rotary_adjacent_pairs=adapter.rotary_adjacent_pairs,
+        parallel_attn_mlp=adapter.parallel_attn_mlp,
         gated_mlp=adapter.gated_mlp,
         final_rms=adapter.norm_kind != "layernorm",
         original_architecture=architectures[0] if architectures else None,

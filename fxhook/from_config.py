@@ -100,6 +100,8 @@ def _family(cfg: HookedTransformerConfig) -> str:
         problems.append("attn_only=True (no HF causal LM without MLPs)")
     if cfg.parallel_attn_mlp:
         problems.append("parallel_attn_mlp=True")
+    if cfg.rotary_adjacent_pairs:
+        problems.append("rotary_adjacent_pairs=True")
     if cfg.d_vocab_out != cfg.d_vocab:
         problems.append(f"d_vocab_out={cfg.d_vocab_out} != d_vocab={cfg.d_vocab}")
     act = cfg.act_fn if cfg.act_fn is not None else "relu"

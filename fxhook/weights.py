@@ -23,6 +23,7 @@ class Projection:
     layout: Layout = "linear"  # nn.Linear weight [out, in]; GPT-2's Conv1D weight [in, out]
     chunk: int = 0  # fused projections (GPT-2 c_attn): which of `n_chunks` equal output slices
     n_chunks: int = 1
+    interleaved: bool = False  # fused output laid out [heads, n_chunks, d_head] (GPT-NeoX), not [n_chunks, ...]
 
 
 def in_out(weight: torch.Tensor, layout: Layout) -> torch.Tensor:
@@ -36,12 +37,18 @@ def _out_slice(x: torch.Tensor, proj: Projection, width: int) -> torch.Tensor:
     return x[..., proj.chunk * width:(proj.chunk + 1) * width]
 
 
+def _head_slice(x: torch.Tensor, proj: Projection, n_heads: int, d_head: int) -> torch.Tensor:
+    """[..., fused out] -> [..., heads, d_head] of `proj`'s chunk (a view)."""
+    if proj.interleaved:
+        return x.unflatten(-1, (n_heads, proj.n_chunks, d_head))[..., proj.chunk, :]
+    return _out_slice(x, proj, n_heads * d_head).unflatten(-1, (n_heads, d_head))
+
+
 def read_input_projection(weight: torch.Tensor, bias: torch.Tensor | None, proj: Projection,
                           n_heads: int, d_head: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """W [heads, d_model, d_head] and b [heads, d_head] of a q/k/v projection."""
-    w = _out_slice(in_out(weight, proj.layout), proj, n_heads * d_head)  # [d_model, heads * d_head]
-    w = w.unflatten(-1, (n_heads, d_head)).permute(1, 0, 2)
-    b = None if bias is None else _out_slice(bias, proj, n_heads * d_head).unflatten(-1, (n_heads, d_head))
+    w = _head_slice(in_out(weight, proj.layout), proj, n_heads, d_head).permute(1, 0, 2)
+    b = None if bias is None else _head_slice(bias, proj, n_heads, d_head)
     return w, b
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from hypothesis import Phase, strategies as st
+from families import FAMILY_BUILDERS, MHA_ONLY
 from support import note_family
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, \
     MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -27,6 +28,7 @@ class ModelSpec:
     bias: bool
     tied: bool
     seed: int
+    variant: int = 0  # family-specific options (tests/families.py: parallel or not, rotary fraction)
 
     @property
     def d_model(self) -> int:
@@ -74,7 +76,9 @@ def build_hf_model(spec: ModelSpec, n_ctx: int = 64, tl_compatible: bool = False
     """
     note_family(spec.family)
     torch.manual_seed(spec.seed)
-    if spec.family == "gpt2":
+    if spec.family in FAMILY_BUILDERS:
+        model = FAMILY_BUILDERS[spec.family](spec, n_ctx, VOCAB)
+    elif spec.family == "gpt2":
         config = GPT2Config(n_layer=spec.n_layers, n_embd=spec.d_model, n_head=spec.n_heads,
                             n_inner=spec.d_mlp, vocab_size=VOCAB, n_positions=n_ctx,
                             tie_word_embeddings=spec.tied, bos_token_id=0, eos_token_id=0,
@@ -103,7 +107,7 @@ def model_specs(draw, families=("gpt2", "llama", "mistral", "qwen2")) -> ModelSp
     family = draw(st.sampled_from(families))
     note_family(family)
     n_heads = draw(st.sampled_from([1, 2, 4, 6]))
-    if family == "gpt2":
+    if family in ("gpt2", *MHA_ONLY):
         n_kv = n_heads
     else:  # MHA, GQA and MQA
         n_kv = draw(st.sampled_from([d for d in (1, 2, 3, n_heads) if n_heads % d == 0]))
@@ -118,6 +122,7 @@ def model_specs(draw, families=("gpt2", "llama", "mistral", "qwen2")) -> ModelSp
         bias=draw(st.booleans()),
         tied=draw(st.booleans()),
         seed=draw(st.integers(0, 2**16)),
+        variant=draw(st.integers(0, 5)) if family in FAMILY_BUILDERS else 0,
     )
 
 

@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 from transformers import AutoTokenizer, BartConfig, BartForConditionalGeneration, BertConfig, \
-    BertForMaskedLM, GPT2Config, GPT2LMHeadModel, GPT2Model, GPTNeoXConfig, LlamaConfig, LlamaForCausalLM, OPTConfig, \
-    OPTForCausalLM, T5Config
+    BertForMaskedLM, GPT2Config, GPT2LMHeadModel, GPT2Model, GPTNeoXConfig, LlamaConfig, LlamaForCausalLM, FalconConfig, \
+    FalconForCausalLM, T5Config
 
 from fxhook import HookedTransformer
 from fxhook.models_offline import SMOLLM2_GGUF, gpt2_tokenizer, resolve_offline, smollm2_available
@@ -343,10 +343,11 @@ def test_refuses_quantised_checkpoints(tmp_path, gpt2_folder):
 
 
 def test_unsupported_causal_architecture_names_the_adapter_gap():
-    opt = OPTForCausalLM(OPTConfig(hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
-                                   vocab_size=50, word_embed_proj_dim=16))
-    with pytest.raises(NotImplementedError, match="no adapter for OPTForCausalLM"):
-        load(hf_model=opt)
+    # Falcon fuses q/k/v into one projection: no adapter, and not the common layout adapters are inferred for
+    falcon = FalconForCausalLM(FalconConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                            vocab_size=50))
+    with pytest.raises(NotImplementedError, match="no adapter for FalconForCausalLM"):
+        load(hf_model=falcon)
 
 
 def test_bad_padding_side_and_devices():

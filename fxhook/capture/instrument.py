@@ -16,6 +16,7 @@ from torch import nn
 
 from fxhook.adapter import Adapter, Site
 from fxhook.capture import hf_attention
+from fxhook.capture.block_layout import TokenShape, mark_fused_chunk
 from fxhook.capture.norms import hooked_norm
 from fxhook.capture.ops import hook_marker
 
@@ -60,29 +61,34 @@ class _Instrumenter:
         self.handles: list = []
         self.norm_eps: dict[str, float] = {}  # hook prefix ("blocks.0.ln1.") -> epsilon
         self.patched_forwards: list[nn.Module] = []
+        self.tokens = TokenShape()  # [b, p] of the running block, for blocks that flatten tokens (OPT)
 
     def mark_output(self, module: nn.Module, name: str, split_heads: int | None = None) -> None:
         def hook(_mod, _args, output):
-            return _replace_first(output, _mark_split(_first_tensor(output), name, split_heads))
+            mark = (lambda x: _mark_split(x, name, split_heads))
+            return _replace_first(output, self.tokens.apply(_first_tensor(output), mark))
         self.handles.append(module.register_forward_hook(hook))
 
     def mark_input(self, module: nn.Module, names: tuple[str, ...]) -> None:
-        def pre_hook(_mod, args, kwargs):
-            if args:
-                x = args[0]
-                for name in names:
-                    x = hook_marker(x, name)
-                return (x, *args[1:]), kwargs
-            key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
-            x = kwargs[key]
+        def mark(x: torch.Tensor) -> torch.Tensor:
             for name in names:
                 x = hook_marker(x, name)
-            return args, {**kwargs, key: x}
+            return x
+
+        def pre_hook(_mod, args, kwargs):
+            if args:
+                return (self.tokens.apply(args[0], mark), *args[1:]), kwargs
+            key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+            return args, {**kwargs, key: self.tokens.apply(kwargs[key], mark)}
         self.handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
 
     def mark_site(self, block: nn.Module, site: Site, name: str, heads: int) -> None:
         module = get_module(block, site.module)
-        if site.side == "output":
+        if site.side == "output" and site.n_chunks > 1:
+            def hook(_mod, _args, output):
+                return _replace_first(output, mark_fused_chunk(_first_tensor(output), site, name, heads))
+            self.handles.append(module.register_forward_hook(hook))
+        elif site.side == "output":
             self.mark_output(module, name, heads if site.split_heads else None)
         else:
             self.mark_input(module, (name,))
@@ -93,7 +99,8 @@ class _Instrumenter:
         kind = self.adapter.norm_kind
 
         def forward(mod, x):
-            return hooked_norm(x, getattr(mod, "weight", None), getattr(mod, "bias", None), eps, kind, prefix)
+            return self.tokens.apply(x, lambda h: hooked_norm(h, getattr(mod, "weight", None),
+                                                              getattr(mod, "bias", None), eps, kind, prefix))
         module.forward = types.MethodType(forward, module)
         self.patched_forwards.append(module)
 
@@ -106,12 +113,17 @@ class _Instrumenter:
         for i, block in enumerate(get_module(hf_model, a.blocks)):
             p = f"blocks.{i}."
             self.mark_input(block, (p + "hook_resid_pre",))
+            self.handles.append(block.register_forward_pre_hook(self.record_block_input, with_kwargs=True))
             self.mark_output(block, p + "hook_resid_post")
             self.mark_output(get_module(block, a.attn), p + "hook_attn_out")
             self.mark_output(get_module(block, a.mlp), p + "hook_mlp_out")
-            self.mark_input(get_module(block, a.ln2), (p + "hook_resid_mid", p + "hook_mlp_in"))
+            if a.ln2 is None:
+                self.norm_again_for_mlp(block, p)
+            else:
+                mid = () if a.parallel_attn_mlp else (p + "hook_resid_mid",)
+                self.mark_input(get_module(block, a.ln2), (*mid, p + "hook_mlp_in"))
+                self.patch_norm(get_module(block, a.ln2), p + "ln2.")
             self.patch_norm(get_module(block, a.ln1), p + "ln1.")
-            self.patch_norm(get_module(block, a.ln2), p + "ln2.")
             if a.q_site is not None:
                 self.mark_site(block, a.q_site, p + "attn.hook_q", self.n_heads)
             if a.k_site is not None:
@@ -120,6 +132,27 @@ class _Instrumenter:
                                (a.mlp_post, "hook_post")):
                 if site is not None:
                     self.mark_site(block, site, p + "mlp." + name, 0)
+
+    def record_block_input(self, _mod, args, kwargs) -> None:
+        """Remember the block's (marked) input: its [b, p], and resid_pre for a re-read norm."""
+        x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))
+        self.tokens.record(x)
+        self.resid_pre = x
+
+    def norm_again_for_mlp(self, block: nn.Module, p: str) -> None:
+        """Shared-norm parallel blocks: the MLP reads ln1(hook_mlp_in(resid_pre)) hooked as ln2."""
+        ln1 = get_module(block, self.adapter.ln1)
+        eps, kind = norm_eps(ln1, self.adapter), self.adapter.norm_kind
+        self.norm_eps[p + "ln2."] = eps
+
+        def pre_hook(_mod, args, kwargs):
+            x = hook_marker(self.resid_pre, p + "hook_mlp_in")
+            x = hooked_norm(x, getattr(ln1, "weight", None), getattr(ln1, "bias", None), eps, kind, p + "ln2.")
+            if args:
+                return (x, *args[1:]), kwargs
+            key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+            return args, {**kwargs, key: x}
+        self.handles.append(get_module(block, self.adapter.mlp).register_forward_pre_hook(pre_hook, with_kwargs=True))
 
     def remove(self) -> None:
         for h in self.handles:

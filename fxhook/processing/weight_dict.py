@@ -57,11 +57,11 @@ def _projection(out: dict, block: nn.Module, proj: Projection | None, key: str, 
 def live_weights(hf_model: nn.Module, adapter: Adapter, cfg: HookedTransformerConfig) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {"embed.W_E": _param(hf_model, adapter.embed, "weight")}
     if adapter.pos_embed is not None:
-        out["pos_embed.W_pos"] = _param(hf_model, adapter.pos_embed, "weight")
+        out["pos_embed.W_pos"] = _param(hf_model, adapter.pos_embed, "weight")[adapter.pos_embed_offset:]
     for layer, block in enumerate(hf_model.get_submodule(adapter.blocks)):
         p = f"blocks.{layer}."
         _norm(out, block, adapter.ln1, p + "ln1")
-        _norm(out, block, adapter.ln2, p + "ln2")
+        _norm(out, block, adapter.ln2 or adapter.ln1, p + "ln2")  # no ln2: the MLP reads ln1 too
         _projection(out, block, adapter.q_proj, p + "attn.?_Q", read_input_projection, cfg.n_heads, cfg.d_head)
         _projection(out, block, adapter.k_proj, p + "attn.?_K", read_input_projection, cfg.n_kv_heads, cfg.d_head)
         _projection(out, block, adapter.v_proj, p + "attn.?_V", read_input_projection, cfg.n_kv_heads, cfg.d_head)
@@ -89,5 +89,8 @@ def bias_homes(hf_model: nn.Module, adapter: Adapter, cfg: HookedTransformerConf
                            ("mlp.b_gate", adapter.mlp_gate), ("mlp.b_out", adapter.mlp_out)):
             if proj is not None and proj.n_chunks == 1:
                 homes[f"blocks.{layer}.{name}"] = (block.get_submodule(proj.module), sizes[name.split("_", 1)[1]])
+            elif proj is not None:  # a fused projection: the bias covers the whole fused output
+                module = block.get_submodule(proj.module)
+                homes[f"blocks.{layer}.{name}"] = (module, module.weight.shape[0 if proj.layout == "linear" else 1])
     homes["unembed.b_U"] = (hf_model.get_submodule(adapter.unembed), cfg.d_vocab_out)
     return homes

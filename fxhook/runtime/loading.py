@@ -288,14 +288,18 @@ def load_hf(model_name_or_path: str, *, dtype: torch.dtype, revision: str | None
 
 # --------------------------------------------------------------------------- the mixin
 def find_adapter(hf_model):
-    from adapters import BY_ARCHITECTURE
+    """The adapter for `hf_model`'s class (specialised to its config); inferred from the module tree
+    when no adapter names the class; refused architectures raise with their reason."""
+    from adapters import BY_ARCHITECTURE, REFUSED
 
     name = type(hf_model).__name__
+    if name in REFUSED:
+        raise NotImplementedError(REFUSED[name])
     if name not in BY_ARCHITECTURE:
-        raise NotImplementedError(
-            f"fxhook has no adapter for {name}. Supported: {sorted(BY_ARCHITECTURE)}. "
-            f"Add an Adapter (module paths of embed, blocks, norms, attention and MLP) in adapters/.")
-    return BY_ARCHITECTURE[name]
+        from fxhook.infer_adapter import infer_adapter
+
+        return infer_adapter(hf_model, supported=sorted(BY_ARCHITECTURE))
+    return BY_ARCHITECTURE[name].specialised(hf_model.config)
 
 
 class LoadingMixin:
