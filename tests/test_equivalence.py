@@ -290,7 +290,7 @@ def test_stop_and_start_at_layer(spec, batch, data):
         resid = model(tokens, attention_mask=mask, stop_at_layer=stop)
     entering = cache[f"blocks.{stop}.hook_resid_pre"] if stop < n else cache[f"blocks.{n - 1}.hook_resid_post"]
     assert resid.shape == (*tokens.shape, spec.d_model)
-    assert_close(resid, entering, atol=0, rtol=0)
+    assert_close(resid, entering, atol=ATOL, rtol=0)  # the unhooked run fuses attention: float error only
     negative = data.draw(st.booleans(), label="negative index")
     if stop < n:
         start = stop - n if negative else stop

@@ -414,9 +414,10 @@ def test_names_filter_keeps_exactly_what_was_asked(pair, batch, data):
     with torch.no_grad():
         out, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=name_filter)
     assert set(cache.keys()) == expected
+    # a filtered run fuses the attention of layers whose pattern it does not keep: equal to float error
     for name in expected:
-        assert_close(cache[name], full[name], atol=0, rtol=0)
-    assert_close(out, logits, atol=0, rtol=0)
+        assert_close(cache[name], full[name], atol=1e-5, rtol=1e-5)
+    assert_close(out, logits, atol=1e-5, rtol=1e-5)
     _, as_dict = model.run_with_cache(tokens, attention_mask=mask, names_filter=name_filter,
                                       return_cache_object=False)
     assert isinstance(as_dict, dict) and set(as_dict) == expected

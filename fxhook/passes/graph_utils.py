@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import torch
 from torch import fx
 
 from fxhook.capture.ops import attention_op, hook_op
@@ -35,8 +36,14 @@ def plain_codegen(gm: fx.GraphModule) -> fx.GraphModule:
     """Drop export's pytree in/out handling so passes can add or remove placeholders freely."""
     gm.graph._codegen = fx.graph.CodeGen()
     gm._forward_pre_hooks.clear()
-    for node in list(gm.graph.nodes):  # export's input-guard module is a no-op here
-        if node.op == "call_module" and node.target == "_guards_fn":
+    for node in list(gm.graph.nodes):
+        # export's input-guard module and metadata assertions check nothing we rely on, and as impure
+        # nodes they would keep dead code (layers a sliced graph does not run) alive
+        if (node.op == "call_module" and node.target == "_guards_fn") or \
+                (node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default):
+            gm.graph.erase_node(node)
+        elif node.op == "call_function" and node.target is torch.ops.aten.dropout.default and not node.args[2]:
+            node.replace_all_uses_with(node.args[0])  # eval-mode dropout: the identity (but impure to fx)
             gm.graph.erase_node(node)
     output = output_node(gm.graph)
     (result,) = output.args

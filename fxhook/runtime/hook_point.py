@@ -1,8 +1,9 @@
 """HookPoint: an identity module at a named activation, running user hooks.
 
-Hooks live in plain lists on the module rather than as nn.Module hooks:
-torch.compile guards on these attributes, so adding or removing a hook
-recompiles instead of being silently ignored.
+Hooks live in plain lists on the module rather than as nn.Module hooks, so
+nothing depends on torch.compile's nn.Module-hook guards: under compilation a
+hooked point runs its hooks outside the graph (see `_run_hooks_outside_graph`),
+and which points are hooked selects the graph variant that runs.
 """
 from __future__ import annotations
 
@@ -84,6 +85,11 @@ class HookPoint(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return _run_hooks_outside_graph(self, x)
+        return self.run_hooks(x)
+
+    def run_hooks(self, x: torch.Tensor) -> torch.Tensor:
         for entry in self.fwd_hooks:
             out = entry.fn(x, hook=self)
             if out is not None:
@@ -91,6 +97,17 @@ class HookPoint(nn.Module):
         if self.bwd_hooks and x.requires_grad:
             x = _BackwardHookCall.apply(x, self)
         return x
+
+
+@torch.compiler.disable
+def _run_hooks_outside_graph(point: HookPoint, x: torch.Tensor) -> torch.Tensor:
+    """In a compiled graph, a hooked point is a graph break: its hooks run as plain Python.
+
+    The compiled code then depends on which points are hooked (the graph variant), never on the hook
+    functions themselves: new hook functions at the same points reuse the compiled code, a hook may do
+    anything Python can, and adding or removing hooks is seen on the next call.
+    """
+    return point.run_hooks(x)
 
 
 class _BackwardHookCall(torch.autograd.Function):

@@ -332,6 +332,7 @@ class LoadingMixin:
         first_n_layers: int | None = None,
         n_ctx: int | None = None,
         default_prepend_bos: bool | None = None,
+        compile: bool = False,
         default_padding_side: str | None = "right",
         checkpoint_index: int | None = None,
         checkpoint_value: int | None = None,
@@ -365,6 +366,7 @@ class LoadingMixin:
                 refused). Absolute-position models cannot go past their position table.
             default_prepend_bos: whether text gets a BOS token prepended (default True).
             default_padding_side: "right" or "left", the side batches of text are padded on.
+            compile: run through torch.compile (see `HookedTransformer.compile`).
             checkpoint_index / checkpoint_value (alias checkpoint_label) / revision: which
                 training checkpoint to load from the hub (see the module docstring).
             hf_model_kwargs, **from_pretrained_kwargs: passed to the HF from_pretrained
@@ -442,8 +444,9 @@ class LoadingMixin:
             cfg.checkpoint_value, cfg.from_checkpoint, cfg.checkpoint_label_type = checkpoint_value, True, "step"
         if revision is not None:
             cfg.extra["revision"] = revision
-        return cls(cfg, hf_model=hf_model, tokenizer=tokenizer, adapter=adapter,
-                   processing=processing if any(processing.values()) else None)
+        model = cls(cfg, hf_model=hf_model, tokenizer=tokenizer, adapter=adapter,
+                    processing=processing if any(processing.values()) else None)
+        return model.compile() if compile else model
 
 
 def _override_n_ctx(cfg, n_ctx: int) -> None:

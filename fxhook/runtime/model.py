@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from typing import Any, Callable, Iterator, Literal, Sequence, Union
 
 import torch
 from torch import fx, nn
 
 from fxhook.adapter import Adapter
-from fxhook.compiler import GraphSpec, build_variant, capture_graph, pruned_variant
+from fxhook.compiler import GraphSpec, build_variant, capture_graph
 from fxhook.config import HookedTransformerConfig
 from fxhook.passes.graph_utils import hook_point_nodes
+from fxhook.passes.expose_activations import ACTIVATION_NAMES
 from fxhook.runtime.cache import ActivationCache
+from fxhook.runtime.compiled import CompileMixin
 from fxhook.runtime.generate import GenerationMixin
 from fxhook.runtime.hook_point import HookPoint
 from fxhook.runtime.hooks import HookRegistry, HookSpec, NameOrFilter
@@ -40,7 +41,7 @@ class Output(tuple):
         return self[1]
 
 
-class HookedTransformer(LoadingMixin, TokenizerMixin, WeightViewsMixin, GenerationMixin, nn.Module):
+class HookedTransformer(LoadingMixin, TokenizerMixin, WeightViewsMixin, GenerationMixin, CompileMixin, nn.Module):
     """A HF causal LM behind the TransformerLens HookedTransformer interface."""
 
     def __init__(self, cfg: HookedTransformerConfig, *, hf_model: nn.Module | None = None,
@@ -80,12 +81,11 @@ class HookedTransformer(LoadingMixin, TokenizerMixin, WeightViewsMixin, Generati
     def graph_for(self, spec: GraphSpec) -> fx.GraphModule:
         """The hooked GraphModule for `spec`, built once and reused."""
         if spec not in self._variants:
+            gm = build_variant(self._captured_for(spec), spec, self.cfg, self.adapter, self._make_point)
             if spec.live_hooks is not None:
-                full = self.graph_for(dataclasses.replace(spec, live_hooks=None))
-                self._remember_pruned(spec, pruned_variant(full, spec.live_hooks))
+                self._remember_pruned(spec, gm)
             else:
-                self._variants[spec] = build_variant(self._captured_for(spec), spec, self.cfg, self.adapter,
-                                                     self._make_point)
+                self._variants[spec] = gm
         return self._variants[spec]
 
     _MAX_PRUNED_VARIANTS = 16
@@ -229,9 +229,36 @@ class HookedTransformer(LoadingMixin, TokenizerMixin, WeightViewsMixin, Generati
                        device: torch.device | str | None = None, remove_batch_dim: bool = False,
                        incl_bwd: bool = False, reset_hooks_end: bool = True, clear_contexts: bool = False,
                        pos_slice=None, return_cache_object: bool = True, **model_kwargs: Any):
-        """Run the model and keep the activations `names_filter` selects (all by default)."""
-        store: dict[str, torch.Tensor] = {}
+        """Run the model and keep the activations `names_filter` selects (all by default).
+
+        The kept activations are extra outputs of the graph that runs (compiled when the model is), not
+        Python callbacks; with incl_bwd (gradients too) or past_kv_cache they are saved by hooks.
+        """
         selected = self._cache_selection(names_filter)
+        if incl_bwd or model_kwargs.get("past_kv_cache") is not None:
+            store = self._cache_by_hooks(selected, model_args, model_kwargs, device, incl_bwd, reset_hooks_end,
+                                         clear_contexts)
+            out = store.pop("__output__")
+        else:
+            names = frozenset(name for name in self.hook_dict if selected(name))
+            with self.hooks((), (), reset_hooks_end, clear_contexts):
+                self.__dict__["_activation_request"] = names
+                try:
+                    out = self(*model_args, **model_kwargs)
+                    store = self.__dict__.get("_delivered_activations", {})
+                finally:
+                    self.__dict__.pop("_activation_request", None)
+                    self.__dict__.pop("_delivered_activations", None)
+            store = {k: (v.detach() if device is None else v.detach().to(device)) for k, v in store.items()}
+        cache = ActivationCache(store, self)
+        if remove_batch_dim:
+            cache.remove_batch_dim()
+        return out, (cache if return_cache_object else cache.cache_dict)
+
+    def _cache_by_hooks(self, selected: Callable[[str], bool], model_args, model_kwargs, device, incl_bwd: bool,
+                        reset_hooks_end: bool, clear_contexts: bool) -> dict[str, Any]:
+        """run_with_cache by saving hooks (what gradients need); the output under "__output__"."""
+        store: dict[str, Any] = {}
 
         def keep(tag: str) -> Callable:
             def save(x: torch.Tensor, hook: HookPoint) -> None:
@@ -251,10 +278,8 @@ class HookedTransformer(LoadingMixin, TokenizerMixin, WeightViewsMixin, Generati
         for name in list(store):
             if not name.endswith("_grad"):
                 store[name] = store[name].detach()
-        cache = ActivationCache(store, self)
-        if remove_batch_dim:
-            cache.remove_batch_dim()
-        return out, (cache if return_cache_object else cache.cache_dict)
+        store["__output__"] = out
+        return store
 
     def _cache_selection(self, names_filter: NameOrFilter | None) -> Callable[[str], bool]:
         if names_filter is None:
@@ -291,9 +316,13 @@ class HookedTransformer(LoadingMixin, TokenizerMixin, WeightViewsMixin, Generati
             if attention_mask is None:
                 attention_mask = torch.ones(residual.shape[:2], dtype=torch.long, device=residual.device)
         self._check_context_length(tokens)
-        gm = self.graph_for(GraphSpec.from_cfg(self.cfg, start, stop, self.live_hooks()))
+        requested = self.__dict__.get("_activation_request", frozenset())
+        gm = self.graph_for(GraphSpec.from_cfg(self.cfg, start, stop, self.live_hooks(), requested))
         args = (tokens, attention_mask) if residual is None else (tokens, attention_mask, residual)
-        out = gm(*args)
+        out = self.run_graph(gm, *args)
+        if requested:
+            out, activations = out
+            self.__dict__["_delivered_activations"] = dict(zip(gm.meta[ACTIVATION_NAMES], activations))
         if stop is not None:
             return out  # the residual stream entering block `stop`, whatever return_type says (as TL)
         return self._shaped_output(out, loss_tokens, attention_mask, return_type, loss_per_token)
