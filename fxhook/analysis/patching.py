@@ -6,8 +6,9 @@ and result shapes).
     metric = lambda logits: logits[0, -1, paris] - logits[0, -1, rome]        # -> scalar tensor
     results = get_act_patch_resid_pre(model, corrupted_tokens, clean_cache, metric)   # [layer, pos]
 
-Every function runs the model once per index (a tqdm bar shows on sweeps of more than
-PROGRESS_FROM runs; pass progress=True/False to choose), under torch.no_grad.
+Every function measures each index separately, several patches to a forward pass (as copies of
+the input along the batch axis), under torch.no_grad; a tqdm bar shows on sweeps of more than
+PROGRESS_FROM patches (progress=True/False to choose).
 """
 from __future__ import annotations
 
@@ -97,13 +98,16 @@ def _rows_of(index_df) -> tuple[list[tuple[int, ...]], list[str] | None]:
 def generic_activation_patch(model, corrupted_tokens: torch.Tensor | str, clean_cache, patching_metric: Metric,
                              patch_setter: PatchSetter, activation_name: str,
                              index_axis_names: Sequence[AxisName] | None = None, index_df=None,
-                             return_index_df: bool = False, progress: bool | None = None):
+                             return_index_df: bool = False, progress: bool | None = None,
+                             patches_per_run: int = 8):
     """The patching metric for every index: [one axis per index_axis_names], or [rows] when the
     indices are given explicitly as index_df (a DataFrame or a list of tuples, layer first).
 
     patch_setter(corrupted_activation, index, clean_activation) returns the patched activation;
     activation_name is a short name ("resid_pre", "z", "pattern", ...) completed with the layer.
     return_index_df: also return the indices as a pandas DataFrame.
+    patches_per_run: patches done in one forward pass, as copies of the input along the batch axis
+    (the metric still sees one copy's logits at a time); 1 runs them one by one.
     """
     if isinstance(corrupted_tokens, str):
         corrupted_tokens = model.to_tokens(corrupted_tokens)
@@ -122,23 +126,41 @@ def generic_activation_patch(model, corrupted_tokens: torch.Tensor | str, clean_
         rows, columns = _rows_of(index_df)
         shape = [len(rows)]
     results = torch.zeros(shape, device=corrupted_tokens.device)
+    batch = corrupted_tokens.shape[0]
 
-    def patch(clean: torch.Tensor, index: Sequence[int]):
+    def patch(name: str, members: list[tuple[int, Sequence[int]]]):
+        """One hook for all the patches of this run at `name`: (copy in the run, index) pairs."""
+        clean = clean_cache[name]
+
         def hook(activation: torch.Tensor, hook) -> torch.Tensor:
-            if activation.shape != clean.shape:
-                raise ValueError(f"{hook.name}: the corrupted activation has shape {tuple(activation.shape)} but "
-                                 f"the clean one {tuple(clean.shape)}; clean and corrupted inputs must have the "
-                                 "same batch size and number of tokens")
-            return patch_setter(activation.clone(), index, clean.to(activation.device))
+            if activation.shape[1:] != clean.shape[1:] or activation.shape[0] % clean.shape[0]:
+                raise ValueError(f"{name}: the corrupted activation has shape {tuple(activation.shape[1:])} per "
+                                 f"item but the clean one {tuple(clean.shape[1:])}; clean and corrupted inputs "
+                                 "must have the same batch size and number of tokens")
+            activation = activation.clone()
+            source = clean.to(activation.device)
+            for copy, index in members:
+                rows = slice(copy * batch, (copy + 1) * batch)
+                activation[rows] = patch_setter(activation[rows], index, source)
+            return activation
         return hook
 
     show = len(rows) > PROGRESS_FROM if progress is None else progress
+    per_run = max(1, int(patches_per_run))
+    bar = tqdm(total=len(rows), desc=f"patching {activation_name}", disable=not show)
     with torch.no_grad():
-        for i, index in enumerate(tqdm(rows, desc=f"patching {activation_name}", disable=not show)):
-            name = get_act_name(activation_name, index[0])
-            logits = model.run_with_hooks(corrupted_tokens, fwd_hooks=[(name, patch(clean_cache[name], index))])
-            value = patching_metric(logits)
-            results[index if index_df is None else i] = float(value)
+        for start in range(0, len(rows), per_run):
+            chunk = rows[start:start + per_run]
+            by_name: dict[str, list[tuple[int, Sequence[int]]]] = {}
+            for copy, index in enumerate(chunk):
+                by_name.setdefault(get_act_name(activation_name, index[0]), []).append((copy, index))
+            tokens = corrupted_tokens.repeat(len(chunk), 1)  # one copy of the input per patch
+            logits = model.run_with_hooks(tokens, fwd_hooks=[(n, patch(n, m)) for n, m in by_name.items()])
+            for copy, index in enumerate(chunk):
+                value = float(patching_metric(logits[copy * batch:(copy + 1) * batch]))
+                results[index if index_df is None else start + copy] = value
+            bar.update(len(chunk))
+    bar.close()
     if not return_index_df:
         return results
     import pandas as pd
@@ -148,10 +170,11 @@ def generic_activation_patch(model, corrupted_tokens: torch.Tensor | str, clean_
 
 # ------------------------------------------------------------------ the usual sweeps
 def _sweep(activation_name: str, setter: PatchSetter, axes: tuple[str, ...], what: str):
-    def run(model, corrupted_tokens, clean_cache, patching_metric: Metric, progress: bool | None = None
-            ) -> torch.Tensor:
+    def run(model, corrupted_tokens, clean_cache, patching_metric: Metric, progress: bool | None = None,
+            patches_per_run: int = 8) -> torch.Tensor:
         return generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metric, setter,
-                                        activation_name, index_axis_names=axes, progress=progress)
+                                        activation_name, index_axis_names=axes, progress=progress,
+                                        patches_per_run=patches_per_run)
     run.__doc__ = f"Patch {what}; returns the metric as [{', '.join(axes)}]."
     return run
 
