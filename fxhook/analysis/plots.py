@@ -137,7 +137,10 @@ def plot_logit_lens(model, cache, str_tokens: Sequence[str], path: str | Path, b
     n_rows, n_pos = values.shape
     if len(str_tokens) != n_pos:
         raise ValueError(f"{len(str_tokens)} token labels for {n_pos} positions")
-    what = f"P({answer!r})" if answer is not None else "P(top token)"
+    if answer is not None:
+        what = f"P({(model.to_string(int(answer)) if not isinstance(answer, str) else answer)!r})"
+    else:
+        what = "P(top token)"
     fig = _figure(1.5 + 0.9 * n_pos, 1.0 + 0.28 * n_rows)
     ax = fig.add_subplot(1, 1, 1)
     image = ax.imshow(values.numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
