@@ -30,6 +30,17 @@ class Site:
 
 
 @dataclass(frozen=True)
+class Experts:
+    """A mixture-of-experts MLP (block-relative paths), routed top-k over a softmax of router logits."""
+
+    router: str  # linear layer, weight [n_experts, d_model]
+    experts: str  # experts module holding fused 3D weights
+    gate_up: str = "gate_up_proj"  # parameter [n_experts, 2 * d_mlp, d_model]: gate rows, then up rows
+    down: str = "down_proj"  # parameter [n_experts, d_model, d_mlp]
+    normalise_top_k: bool = True  # the top-k routing weights are renormalised to sum to 1
+
+
+@dataclass(frozen=True)
 class Adapter:
     """Per-family knowledge. Every path is relative to the HF causal-LM object."""
 
@@ -74,6 +85,21 @@ class Adapter:
     # (hf_config) -> the adapter for that config (e.g. NeoX's use_parallel_residual); raises
     # NotImplementedError for configs the family's adapter cannot run
     for_config: Callable[[Any], "Adapter"] | None = None
+    # norms on the attention / MLP output before the residual add, beside ln1/ln2 (Gemma 2): hooked as
+    # TransformerLens's ln1_post / ln2_post; hook_attn_out / hook_mlp_out are their outputs
+    ln1_post: str | None = None
+    ln2_post: str | None = None
+    # post-norm blocks (OLMo 2): ln1 / ln2 normalise the attention / MLP output, nothing normalises
+    # their input; hooked as ln1 / ln2 (TransformerLens's naming); fold_ln does not apply
+    post_norm: bool = False
+    # q/k norms (block-relative; Qwen3 per head, OLMo 2 over all heads): hooked as attn.q_norm / attn.k_norm
+    q_norm: str | None = None
+    k_norm: str | None = None
+    # the model multiplies the token embedding by sqrt(d_model) before block 0 (Gemma): hook_embed is the
+    # scaled embedding, as in TransformerLens (whose W_E has the scale folded in)
+    scaled_embedding: bool = False
+    # a mixture-of-experts MLP (Mixtral): routing hooks mlp.hook_expert_weights / hook_expert_indices
+    experts: Experts | None = None
     extra: dict = field(default_factory=dict)
 
     def specialised(self, hf_config) -> "Adapter":
@@ -88,3 +114,18 @@ class Adapter:
     @property
     def rotary(self) -> bool:
         return self.positional == "rotary"
+
+    @property
+    def attn_out_module(self) -> str:
+        """The module whose output is hook_attn_out: what the attention adds to the residual stream."""
+        return self.ln1_post or (self.ln1 if self.post_norm else self.attn)
+
+    @property
+    def mlp_out_module(self) -> str:
+        """The module whose output is hook_mlp_out."""
+        return self.ln2_post or (self.ln2 if self.post_norm else self.mlp)
+
+    @property
+    def mlp_in_module(self) -> str | None:
+        """The module whose input is hook_resid_mid (None when the MLP reads resid_pre)."""
+        return self.mlp if self.post_norm else self.ln2

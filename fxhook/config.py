@@ -163,7 +163,7 @@ def config_from_hf(hf_config, adapter: Adapter, model_name: str = "custom") -> H
         d_vocab=int(hf_config.vocab_size),
         d_mlp=int(d_mlp) if d_mlp is not None else 4 * d_model,
         n_key_value_heads=n_kv if n_kv != n_heads else None,
-        act_fn=_first(hf_config, "hidden_act", "activation_function"),
+        act_fn=_first(hf_config, "hidden_act", "activation_function", "hidden_activation"),
         eps=float(_first(hf_config, "rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", default=1e-5)),
         normalization_type=_NORM_TYPE[adapter.norm_kind],
         positional_embedding_type=_POS_TYPE[adapter.positional],

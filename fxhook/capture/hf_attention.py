@@ -21,7 +21,7 @@ IMPLEMENTATION_NAME = "fxhook"
 
 _SUPPORTED_KWARGS = {"scaling", "dropout", "softcap", "sliding_window", "position_ids", "cache_position",
                      "output_attentions", "use_cache", "is_causal", "position_embeddings", "past_key_values",
-                     "cache", "attention_mask"}
+                     "cache", "attention_mask", "output_router_logits"}
 
 
 @dataclass

@@ -17,6 +17,7 @@ from torch import nn
 from fxhook.adapter import Adapter, Site
 from fxhook.capture import hf_attention
 from fxhook.capture.block_layout import TokenShape, mark_fused_chunk
+from fxhook.capture.block_extras import install_block_extras
 from fxhook.capture.norms import hooked_norm
 from fxhook.capture.ops import hook_marker
 
@@ -106,7 +107,10 @@ class _Instrumenter:
 
     def install(self, hf_model: nn.Module) -> None:
         a = self.adapter
-        self.mark_output(get_module(hf_model, a.embed), "hook_embed")
+        if a.scaled_embedding:  # the model scales the embedding: hook_embed is what enters block 0
+            self.mark_input(get_module(hf_model, a.blocks)[0], ("hook_embed",))
+        else:
+            self.mark_output(get_module(hf_model, a.embed), "hook_embed")
         if a.pos_embed is not None:
             self.mark_output(get_module(hf_model, a.pos_embed), "hook_pos_embed")
         self.patch_norm(get_module(hf_model, a.final_norm), "ln_final.")
@@ -115,13 +119,13 @@ class _Instrumenter:
             self.mark_input(block, (p + "hook_resid_pre",))
             self.handles.append(block.register_forward_pre_hook(self.record_block_input, with_kwargs=True))
             self.mark_output(block, p + "hook_resid_post")
-            self.mark_output(get_module(block, a.attn), p + "hook_attn_out")
-            self.mark_output(get_module(block, a.mlp), p + "hook_mlp_out")
+            self.mark_output(get_module(block, a.attn_out_module), p + "hook_attn_out")
+            self.mark_output(get_module(block, a.mlp_out_module), p + "hook_mlp_out")
             if a.ln2 is None:
                 self.norm_again_for_mlp(block, p)
             else:
                 mid = () if a.parallel_attn_mlp else (p + "hook_resid_mid",)
-                self.mark_input(get_module(block, a.ln2), (*mid, p + "hook_mlp_in"))
+                self.mark_input(get_module(block, a.mlp_in_module), (*mid, p + "hook_mlp_in"))
                 self.patch_norm(get_module(block, a.ln2), p + "ln2.")
             self.patch_norm(get_module(block, a.ln1), p + "ln1.")
             if a.q_site is not None:
@@ -132,6 +136,7 @@ class _Instrumenter:
                                (a.mlp_post, "hook_post")):
                 if site is not None:
                     self.mark_site(block, site, p + "mlp." + name, 0)
+            install_block_extras(self, block, p)
 
     def record_block_input(self, _mod, args, kwargs) -> None:
         """Remember the block's (marked) input: its [b, p], and resid_pre for a re-read norm."""

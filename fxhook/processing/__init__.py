@@ -24,6 +24,11 @@ def process_hf_weights(hf_model: nn.Module, adapter: Adapter, cfg: HookedTransfo
                       "commute with shifting every logit of a position, so centring would change the "
                       "log-probabilities", stacklevel=3)
         center_unembed = False
+    if adapter.post_norm and fold_ln:
+        warnings.warn("fold_ln skipped: this model normalises the attention and MLP outputs (post-norm), so no "
+                      "norm weight sits on a linear map's input to fold into (TransformerLens skips it too); "
+                      "pass fold_ln=False to silence this", stacklevel=3)
+        fold_ln = False
     if fold_ln or center_unembed:
         untie_unembed(hf_model, adapter)
     with torch.no_grad():

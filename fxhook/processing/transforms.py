@@ -12,7 +12,8 @@ Weights = dict[str, torch.Tensor]
 
 _READERS = {  # norm -> the (weight, bias) pairs that read its output
     "ln1": (("attn.W_Q", "attn.b_Q"), ("attn.W_K", "attn.b_K"), ("attn.W_V", "attn.b_V")),
-    "ln2": (("mlp.W_in", "mlp.b_in"), ("mlp.W_gate", "mlp.b_gate")),
+    "ln2": (("mlp.W_in", "mlp.b_in"), ("mlp.W_gate", "mlp.b_gate"),
+            ("mlp.experts.W_in", "mlp.experts.b_in"), ("mlp.experts.W_gate", "mlp.experts.b_gate")),
 }
 
 

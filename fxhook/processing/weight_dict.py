@@ -14,6 +14,7 @@ from torch import nn
 
 from fxhook.adapter import Adapter
 from fxhook.config import HookedTransformerConfig
+from fxhook.processing.extra_weights import add_extra_weights
 from fxhook.weights import Projection, read_input_projection, read_mlp_projection, read_output_projection
 
 
@@ -69,6 +70,7 @@ def live_weights(hf_model: nn.Module, adapter: Adapter, cfg: HookedTransformerCo
         _projection(out, block, adapter.mlp_in, p + "mlp.?_in", read_mlp_projection)
         _projection(out, block, adapter.mlp_gate, p + "mlp.?_gate", read_mlp_projection)
         _projection(out, block, adapter.mlp_out, p + "mlp.?_out", read_mlp_projection)
+        add_extra_weights(out, block, adapter, p)
     _norm(out, hf_model, adapter.final_norm, "ln_final")
     unembed = hf_model.get_submodule(adapter.unembed)
     out["unembed.W_U"] = unembed.weight.t()

@@ -1,0 +1,6 @@
+"""Gemma: Llama's layout with (1 + w) RMSNorm, a GeGLU MLP and embeddings scaled by sqrt(d_model)."""
+from dataclasses import replace
+
+from adapters.llama import LLAMA
+
+GEMMA = replace(LLAMA, architectures=("GemmaForCausalLM",), norm_kind="rmsnorm_plus_one", scaled_embedding=True)
