@@ -105,8 +105,6 @@ def load_model(args):
     path = Path(name).expanduser()
     if looks_like_path and not path.exists():
         raise CliError(f"no such folder {name!r}: MODEL is {MODEL_HELP}")
-    if args.layers is not None and args.layers < 1:
-        raise CliError(f"--layers must be at least 1, got {args.layers}")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -181,8 +179,6 @@ def cmd_hooks(model, args) -> None:
 
 
 def cmd_run(model, args) -> None:
-    if args.top_k < 1:
-        raise CliError(f"--top-k must be at least 1, got {args.top_k}")
     tokens = tokens_for(model, args.prompt, args)
     with torch.no_grad():
         probs = model(tokens)[0, -1].float().softmax(dim=-1)
@@ -202,7 +198,7 @@ def cmd_plot(model, args) -> None:
     from fxhook.analysis import patching, plots
 
     cfg = model.cfg
-    heads = parse_heads(args.heads) if args.heads else [(cfg.n_layers - 1, h) for h in range(min(cfg.n_heads, 4))]
+    heads = args.head_list or [(cfg.n_layers - 1, h) for h in range(min(cfg.n_heads, 4))]
     bad = [f"L{l}H{h}" for l, h in heads if not (0 <= l < cfg.n_layers and 0 <= h < cfg.n_heads)]
     if bad:
         raise CliError(f"no such heads {bad}: layers are 0..{cfg.n_layers - 1}, heads 0..{cfg.n_heads - 1}")
@@ -240,11 +236,22 @@ def cmd_plot(model, args) -> None:
 COMMANDS = {"hooks": cmd_hooks, "run": cmd_run, "plot": cmd_plot}
 
 
+def check_arguments(args) -> None:
+    """What can be checked before loading the model (which can take a minute)."""
+    if args.layers is not None and args.layers < 1:
+        raise CliError(f"--layers must be at least 1, got {args.layers}")
+    if getattr(args, "top_k", 1) < 1:
+        raise CliError(f"--top-k must be at least 1, got {args.top_k}")
+    heads = getattr(args, "heads", None)
+    args.head_list = parse_heads(heads) if heads is not None else None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fxhook` command; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_arguments(args)
         model = load_model(args)
         COMMANDS[args.command](model, args)
     except CliError as err:

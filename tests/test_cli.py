@@ -39,7 +39,7 @@ def test_plot_end_to_end_through_the_installed_command(folder, tmp_path):
     assert command is not None, "the fxhook console script is not installed: pip install -e ."
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([command, "plot", folder, PROMPT, "--corrupted", "The capital of Spain is",
-                           "--out", str(tmp_path), "--html", "--heads", "L1H0,0.3", "--device", "cpu"],
+                           "--answer", "Paris", "--wrong", "Madrid", "--out", str(tmp_path), "--html", "--heads", "L1H0,0.3", "--device", "cpu"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     for name in ("attention", "logit_lens", "patching_resid_pre"):
@@ -67,7 +67,8 @@ def test_hooks_lists_names_shapes_and_meanings(folder, capsys):
     model = HookedTransformer.from_pretrained(folder, device="cpu")
     with torch.no_grad():
         _, cache = model.run_with_cache(PROMPT)
-    listed = {m.group(1): m.group(2) for m in re.finditer(r"^(\S+)\s+(\d+(?:x\d+)*)\s", out, flags=re.M)}
+    rows = re.finditer(r"^((?:blocks\.|ln_final\.|hook_)\S*)\s+(\d+(?:x\d+)*)\s", out, flags=re.M)
+    listed = {m.group(1): m.group(2) for m in rows}
     expected = {n for n in model.hook_dict if not n.startswith("blocks.1.")}
     assert set(listed) == expected
     for name, shape in listed.items():
@@ -95,6 +96,8 @@ def test_run_shows_the_top_next_tokens(folder, capsys):
     (["plot", "{folder}", PROMPT, "--heads", "three"], "cannot read head"),
     (["plot", "{folder}", PROMPT, "--heads", "L5H0"], "no such heads"),
     (["plot", "{folder}", PROMPT, "--corrupted", "Hello"], "same length"),
+    (["plot", "{folder}", PROMPT, "--corrupted", "The capital of Spain is"], "both prompts lead to"),
+    (["plot", "{folder}", PROMPT, "--answer", "Parisians"], "must be one token"),
     (["run", "{folder}", PROMPT, "--layers", "0"], "--layers must be at least 1"),
     (["run", "{folder}", PROMPT, "--top-k", "0"], "--top-k must be at least 1"),
     (["hooks", "{folder}", "--filter", "nothing_like_this"], "no hook name contains"),
