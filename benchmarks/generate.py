@@ -1,7 +1,8 @@
-"""Decode speed: fxhook generate (KV cache, eager) against HF generate and the matvec floor.
+"""Decode speed: fxhook generate (KV cache; eager and compiled decode) against HF generate and the floor.
 
     python benchmarks/generate.py                 # SmolLM2 (packaged, offline) and a GPT-2-small shape
     python benchmarks/generate.py --tokens 16 --repeats 3
+    python benchmarks/generate.py --no-compiled   # skip compiled decode (its first call compiles: minutes)
 
 Everything is measured in one run, interleaving the systems so machine drift cancels. The floor
 is the time of one token's weight matrix-vector products alone (every linear layer and the
@@ -43,7 +44,8 @@ def time_call(fn) -> float:
     return time.perf_counter() - start
 
 
-def bench(name: str, model: HookedTransformer, tokens: torch.Tensor, n_new: int, repeats: int) -> None:
+def bench(name: str, model: HookedTransformer, tokens: torch.Tensor, n_new: int, repeats: int,
+          compiled: bool = True) -> None:
     hf = model.hf_model
     hf.generation_config.pad_token_id = hf.generation_config.eos_token_id
 
@@ -51,21 +53,35 @@ def bench(name: str, model: HookedTransformer, tokens: torch.Tensor, n_new: int,
         hf.generate(tokens, attention_mask=torch.ones_like(tokens), do_sample=False, max_new_tokens=n_new,
                     min_new_tokens=n_new, use_cache=True)
 
-    def run_fx():
-        model.generate(tokens, max_new_tokens=n_new, do_sample=False, stop_at_eos=False, verbose=False)
+    def fx(use_compiled_decode: bool):
+        def run():
+            model.generate(tokens, max_new_tokens=n_new, do_sample=False, stop_at_eos=False, verbose=False,
+                           use_compiled_decode=use_compiled_decode)
+        return run
 
-    run_hf(), run_fx()  # warm-up (builds fxhook's decode graph)
-    hf_times, fx_times = [], []
-    for _ in range(repeats):
-        hf_times.append(time_call(run_hf))
-        fx_times.append(time_call(run_fx))
+    systems = {"HF generate": run_hf, "fxhook generate (eager)": fx(False)}
+    if compiled:
+        systems["fxhook generate (compiled)"] = fx(True)
+    for label, run in systems.items():  # warm-up: builds fxhook's decode graphs, compiles the decode step
+        print(f"  warm-up {label}: {time_call(run):.1f} s", flush=True)
+    if compiled:  # the systems must agree before their speeds mean anything
+        with torch.no_grad():
+            outs = [model.generate(tokens, max_new_tokens=n_new, do_sample=False, stop_at_eos=False, verbose=False,
+                                   use_compiled_decode=c) for c in (False, True)]
+        print(f"  compiled decode tokens == eager tokens: {outs[0].tolist() == outs[1].tolist()}")
+    times: dict[str, list[float]] = {label: [] for label in systems}
+    for _ in range(repeats):  # interleaved, so machine drift hits every system alike
+        for label, run in systems.items():
+            times[label].append(time_call(run))
     floor = matvec_floor(hf, max(5, repeats))
-    hf_tps, fx_tps = n_new / statistics.median(hf_times), n_new / statistics.median(fx_times)
-    print(f"\n{name}: batch 1, prompt {tokens.shape[1]} tokens, {n_new} new tokens, median of {repeats}")
+    tps = {label: n_new / statistics.median(t) for label, t in times.items()}
+    hf_tps = tps["HF generate"]
+    print(f"\n{name}: batch 1, prompt {tokens.shape[1]} tokens, {n_new} new tokens, median of {repeats}, "
+          f"{torch.get_num_threads()} threads")
     print(f"  {'system':<28}{'tokens/s':>10}{'ms/token':>10}{'vs HF':>8}{'vs floor':>10}")
-    for label, tps in (("HF generate", hf_tps), ("fxhook generate (eager)", fx_tps)):
-        ms = 1000 / tps
-        print(f"  {label:<28}{tps:>10.1f}{ms:>10.1f}{hf_tps / tps:>7.2f}x{ms / (1000 * floor):>9.2f}x")
+    for label, rate in tps.items():
+        ms = 1000 / rate
+        print(f"  {label:<28}{rate:>10.1f}{ms:>10.1f}{hf_tps / rate:>7.2f}x{ms / (1000 * floor):>9.2f}x")
     print(f"  {'matvec floor':<28}{1 / floor:>10.1f}{1000 * floor:>10.1f}")
     print("  (vs HF: time per token relative to HF generate; vs floor: relative to the matvec floor)")
 
@@ -75,17 +91,21 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per generate call")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per system")
     parser.add_argument("--skip-gpt2", action="store_true", help="only SmolLM2")
+    parser.add_argument("--no-compiled", action="store_true", help="skip compiled decode")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     smol = HookedTransformer.from_pretrained_no_processing("smollm2", device="cpu", dtype="float32")
     bench("SmolLM2-135M (fp32, CPU)", smol, smol.to_tokens("The capital of France is"), args.tokens,
-          args.repeats)
+          args.repeats, not args.no_compiled)
     if not args.skip_gpt2:
         hf = GPT2LMHeadModel(GPT2Config()).eval()  # GPT-2-small shape, random weights
         gpt2 = HookedTransformer.from_pretrained_no_processing(hf_model=hf)
         bench("GPT-2-small shape (random weights, fp32, CPU)", gpt2, torch.randint(0, 50257, (1, 8)),
-              args.tokens, args.repeats)
+              args.tokens, args.repeats, not args.no_compiled)
 
 
 if __name__ == "__main__":

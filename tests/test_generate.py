@@ -197,6 +197,43 @@ def test_steering_hook_changes_generation_as_in_a_no_cache_loop(pair):
     assert steered.tolist() != greedy(model, tokens, mask, 6).tolist()
 
 
+# ------------------------------------------------------------------ input embeddings, output_logits
+def test_generate_from_embeddings_equals_generate_from_tokens(pair):
+    _, model = pair
+    tokens, mask = padded_batch(19)
+    p = tokens.shape[1]
+    from_tokens = greedy(model, tokens, mask, 6)
+    embeds = model.W_E[tokens]  # the model's own token embeddings: positional embeddings are still added
+    for use_cache in (True, False):
+        new = greedy(model, embeds, mask, 6, return_type="tokens", use_past_kv_cache=use_cache)
+        assert new.tolist() == from_tokens[:, p:].tolist()  # embeddings input: only the new tokens (as TL)
+    out = greedy(model, embeds, mask, 6)  # return_type "input": embeddings of the whole sequence
+    torch.testing.assert_close(out, model.W_E[from_tokens])
+    seen = []
+    with model.hooks(fwd_hooks=[("hook_embed", lambda x, hook: seen.append(x.clone()))]):
+        greedy(model, embeds, mask, 2)
+    torch.testing.assert_close(seen[0], embeds)  # hook_embed sees the given embeddings at prefill
+    torch.testing.assert_close(seen[1][:, 0], model.W_E[from_tokens[:, p]])
+
+
+def test_output_logits_equal_the_no_cache_step_logits(pair):
+    _, model = pair
+    tokens, mask = padded_batch(20)
+    p, n = tokens.shape[1], 5
+    out = model.generate(tokens, max_new_tokens=n, do_sample=False, stop_at_eos=False, verbose=False,
+                         attention_mask=mask, output_logits=True, return_dict_in_generate=True)
+    assert out.sequences.tolist() == greedy(model, tokens, mask, n).tolist()
+    assert len(out.logits) == n and out.logits[0].shape == (2, model.cfg.d_vocab)
+    full_mask = torch.cat([mask, torch.ones(2, n, dtype=torch.long)], dim=1)
+    with torch.no_grad():  # step i's logits: the full forward's at position p - 1 + i
+        full = model(out.sequences[:, :-1], attention_mask=full_mask[:, :-1])
+    torch.testing.assert_close(torch.stack(out.logits, dim=1), full[:, p - 1:], atol=1e-4, rtol=0)
+    from_embeds = model.generate(model.W_E[tokens], max_new_tokens=n, do_sample=False, stop_at_eos=False,
+                                 verbose=False, attention_mask=mask, output_logits=True)
+    assert from_embeds.sequences.tolist() == out.sequences[:, p:].tolist()
+    torch.testing.assert_close(torch.stack(from_embeds.logits, 1), full[:, p - 1:], atol=1e-4, rtol=0)
+
+
 # ------------------------------------------------------------------ EOS, return types, streaming
 def test_stop_at_eos_pads_finished_rows_and_stops(pair):
     _, model = pair

@@ -81,13 +81,15 @@ class DecodeGraphsMixin:
         As for the full graph, spec.live_hooks (when not None) keeps only those hook points and fuses
         the attention of layers whose scores and pattern nobody reads."""
         from fxhook.compiler import build_variant
-        from fxhook.passes.simplify import simplify
+        from fxhook.passes.simplify import flat_attributes, simplify
 
         key = ("decode", spec, kind)
         if key not in self._variants:
             ungroup = spec.ungroup_grouped_query_attention and self.cfg.n_kv_heads != self.cfg.n_heads
             captured = self._decode_captured(ungroup, kind)
             gm = simplify(build_variant(captured, spec, self.cfg, self.adapter, self._make_point))
+            if not kind.static:  # run eagerly only: flat parameter reads (compiled graphs keep registered ones)
+                gm = flat_attributes(gm)
             if spec.live_hooks is not None:
                 self._remember_pruned(key, gm)
             else:

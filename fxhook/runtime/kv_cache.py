@@ -121,8 +121,8 @@ class StaticKVCache:
 
     def positions(self, q_len: int) -> torch.Tensor:
         """Position ids [batch, q] of the last q_len written slots (padding not counted)."""
-        written = self.attention_mask[:, :self.length]
-        return (written.cumsum(-1) - 1).clamp(min=0)[:, self.length - q_len:]
+        counts = self.attention_mask[:, :self.length].cumsum(-1)[:, self.length - q_len:]
+        return (counts - 1).clamp(min=0)  # a new dense tensor: the same strides at every step
 
     def __repr__(self) -> str:
         return f"StaticKVCache(n_layers={len(self.keys)}, keys[0]={tuple(self.keys[0].shape)}, length={self.length})"

@@ -1,0 +1,85 @@
+"""Compiled decode: each new token runs a torch.compile'd graph over a static preallocated KV cache.
+
+Compiling costs tens of seconds on a 2-core CPU, so this file compiles as little as it can: one
+model, the unhooked decode graph once, the steered one once, and checks everything else against
+those. Dynamo's recompile error (`error_on_recompile`) proves that later lengths, new hook
+functions at the same point and embeddings input reuse the compiled code.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+from test_generate import LLAMA, greedy, hf_greedy, padded_batch, sharpened
+
+
+@pytest.fixture(scope="module")
+def llama():
+    torch._dynamo.reset()
+    counters.clear()
+    return sharpened(LLAMA)
+
+
+def compiled_graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def test_compiled_decode_equals_eager_and_hf_without_recompiling(llama):
+    hf, model = llama
+    tokens, mask = padded_batch(21)
+    eager = greedy(model, tokens, mask, 8)
+    assert eager.tolist() == hf_greedy(hf, tokens, mask, 8).tolist()
+    assert greedy(model, tokens, mask, 8, use_compiled_decode=True).tolist() == eager.tolist()
+    graphs = compiled_graphs()
+    assert graphs == 1  # one graph for every decode step, no graph break without hooks
+    # another prompt length and more new tokens: the same static shapes (the cache bucket), no recompile
+    other, other_mask = padded_batch(22, lengths=(3, 9))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        out = greedy(model, other, other_mask, 12, use_compiled_decode=True)
+        assert out.tolist() == greedy(model, other, other_mask, 12).tolist()
+        # embeddings input: prefill from the embeddings (eager), then the same compiled token step
+        new = greedy(model, model.W_E[tokens], mask, 8, use_compiled_decode=True, return_type="tokens")
+        assert new.tolist() == eager[:, tokens.shape[1]:].tolist()
+        # output_logits: the compiled steps' logits equal the eager ones
+        a, b = (model.generate(tokens, max_new_tokens=5, do_sample=False, stop_at_eos=False, verbose=False,
+                               attention_mask=mask, output_logits=True, use_compiled_decode=c) for c in (True, False))
+        torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), atol=1e-4, rtol=0)
+        # model.compile() makes compiled decode the default
+        try:
+            model.compile()
+            assert greedy(model, tokens, mask, 8).tolist() == eager.tolist()
+        finally:
+            model.compile(False)
+    assert compiled_graphs() == graphs
+
+
+def test_hooks_stay_live_under_compiled_decode(llama):
+    _, model = llama
+    tokens, mask = padded_batch(23)
+    name = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    g = torch.Generator().manual_seed(1)
+    vectors = [3.0 * torch.randn(model.cfg.d_model, generator=g) for _ in range(2)]
+    plain = greedy(model, tokens, mask, 6)
+    greedy(model, tokens, mask, 6, use_compiled_decode=True)  # the unhooked step is compiled first
+    results = []
+    for i, vector in enumerate(vectors):  # a hook added after compiling, then another function at the same point
+        seen: list[int] = []
+
+        def steer(x, hook, vector=vector, seen=seen):
+            seen.append(x.shape[1])
+            return x + vector
+
+        # the second hook function reuses the code compiled for the first (hooks run outside the graph)
+        with model.hooks(fwd_hooks=[(name, steer)]), torch._dynamo.config.patch(error_on_recompile=i > 0):
+            eager = greedy(model, tokens, mask, 6)
+            seen.clear()
+            compiled = greedy(model, tokens, mask, 6, use_compiled_decode=True)
+        assert seen == [tokens.shape[1]] + [1] * 5  # the hook ran at prefill and at every compiled step
+        assert compiled.tolist() == eager.tolist() != plain.tolist()
+        results.append(compiled.tolist())
+    assert results[0] != results[1]  # each hook's own edit, not one baked into the compiled code
+    # hooks removed: the unhooked compiled step again, no steering left behind
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert greedy(model, tokens, mask, 6, use_compiled_decode=True).tolist() == plain.tolist()
