@@ -25,11 +25,17 @@ from models import NO_SHRINK, VOCAB, positions_for, token_batches
 from tl_reference_norms import tl_model
 
 ATOL = 1e-5
+# one example per family under the "ci" profile (each costs a capture), ten under "thorough"
+EXAMPLES = max(1, settings().max_examples // 6)
 FAMILIES = ("gemma", "gemma2", "qwen3", "olmo2", "mixtral", "mistral")
 TL_FAMILIES = ("gemma", "gemma2", "qwen3", "olmo2", "mixtral")  # TransformerLens 3.9 has these
 # the HF module (in each decoder layer) whose output is what the attention / MLP adds to the residual
 HF_ATTN_OUT = {"gemma2": "post_attention_layernorm", "olmo2": "post_attention_layernorm"}
 HF_MLP_OUT = {"gemma2": "post_feedforward_layernorm", "olmo2": "post_feedforward_layernorm"}
+PER_HEAD_FLAGS = ("set_use_attn_result", "set_use_split_qkv_input", "set_use_attn_in")
+# fxhook/passes/per_head.py rewrites hook_attn_out's input (dropping a post norm between the attention and
+# hook_attn_out) and runs ln1 on the per-head inputs (which a post-norm block does not have)
+POST_NORM_BREAKS = {("gemma2", "set_use_attn_result"), *(("olmo2", flag) for flag in PER_HEAD_FLAGS)}
 
 
 def tagged(families, *features):
@@ -104,7 +110,7 @@ def first(x):
 
 # --------------------------------------------------------------------- no processing
 @pytest.mark.parametrize("family", tagged(FAMILIES, "exact", "hooks"))
-@settings(max_examples=2, phases=NO_SHRINK)
+@settings(max_examples=EXAMPLES, phases=NO_SHRINK)
 @given(data=st.data())
 def test_logits_exact_hooks_follow_the_contract_and_read_hf_values(family, data):
     spec = data.draw(family_specs(family), label="spec")
@@ -169,6 +175,15 @@ def test_logits_exact_hooks_follow_the_contract_and_read_hf_values(family, data)
             assert torch.equal(cache[x + "mlp.hook_expert_indices"], indices.view(b, p, -1))
     if family == "gemma2":
         check_soft_caps_apply(spec, hf, model, cache, logits, keep)
+    for flag in PER_HEAD_FLAGS:  # the flag-gated per-head hooks keep the logits
+        if (family, flag) in POST_NORM_BREAKS or (flag == "set_use_attn_in" and spec.n_kv_heads != spec.n_heads):
+            continue
+        getattr(model, flag)(True)
+        try:
+            with torch.no_grad():
+                assert_close(model(tokens, attention_mask=mask)[keep], ref[keep], atol=ATOL, rtol=0, msg=flag)
+        finally:
+            getattr(model, flag)(False)
 
 
 def check_soft_caps_apply(spec, hf, model, cache, logits, keep):
@@ -190,8 +205,8 @@ def check_soft_caps_apply(spec, hf, model, cache, logits, keep):
 
 
 # ------------------------------------------------------------------------ processing
-@pytest.mark.parametrize("family", tagged(FAMILIES, "processing"))
-@settings(max_examples=1, phases=NO_SHRINK)
+@pytest.mark.parametrize("family", tagged(TL_FAMILIES, "processing"))
+@settings(max_examples=EXAMPLES, phases=NO_SHRINK)
 @given(data=st.data())
 def test_processing_keeps_log_probs(family, data):
     spec = data.draw(family_specs(family), label="spec")
@@ -226,7 +241,7 @@ def _comparable(cache_tl, cache_ours, names):
 
 
 @pytest.mark.parametrize("family", tagged(TL_FAMILIES, "hooks", "processing"))
-@settings(max_examples=1, phases=NO_SHRINK)
+@settings(max_examples=EXAMPLES, phases=NO_SHRINK)
 @given(data=st.data())
 def test_activations_match_transformer_lens(family, data):
     """Every hook TransformerLens 3.9 also has, unprocessed and processed (its converters drop attention
@@ -257,8 +272,8 @@ def test_activations_match_transformer_lens(family, data):
 
 
 # ------------------------------------------------------------------------ generation
-@pytest.mark.parametrize("family", tagged(FAMILIES, "generate"))
-@settings(max_examples=1, phases=NO_SHRINK)
+@pytest.mark.parametrize("family", tagged(TL_FAMILIES, "generate"))  # Mistral's: tests/test_generate.py
+@settings(max_examples=EXAMPLES, phases=NO_SHRINK)
 @given(data=st.data())
 def test_greedy_generation_with_kv_cache_equals_hf_generate(family, data):
     """Prompts of 7 and 4 tokens plus 8 new ones run past every drawn sliding window (2 to 4)."""
@@ -296,3 +311,25 @@ def sharpened(spec: FamilySpec) -> torch.nn.Module:
         hf.get_input_embeddings().weight.mul_(30.0)
         hf.model.norm.weight.mul_(10.0)
     return hf
+
+
+# ------------------------------------------------------------------ per-head hooks with post norms
+def _per_head_logits(family: str, flag: str) -> tuple[torch.Tensor, torch.Tensor]:
+    spec = FamilySpec(family, 2, 4, 4, 8, 16, False, False, 11, window=3, attn_softcap=1.0, logit_softcap=2.0,
+                      query_scale=8)
+    hf, model = built(spec)
+    tokens = torch.randint(2, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    getattr(model, flag)(True)
+    try:
+        with torch.no_grad():
+            return model(tokens), hf(tokens).logits
+    finally:
+        getattr(model, flag)(False)
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: the per-head passes (fxhook/passes/per_head.py) do not know "
+                                       "post norms yet; remove this mark when they do")
+@pytest.mark.parametrize("family, flag", sorted(POST_NORM_BREAKS))
+def test_per_head_hooks_with_post_norms(family, flag):
+    ours, ref = _per_head_logits(family, flag)
+    assert_close(ours, ref, atol=ATOL, rtol=0)

@@ -18,7 +18,7 @@ from models import NO_SHRINK, positions_for, token_batches
 
 
 @pytest.mark.support("mixtral", "hooks")
-@settings(max_examples=2, phases=NO_SHRINK)
+@settings(max_examples=max(1, settings().max_examples // 6), phases=NO_SHRINK)
 @given(spec=family_specs("mixtral"), batch=token_batches(max_len=8), data=st.data())
 def test_editing_the_chosen_experts_matches_the_same_edit_in_hf(spec, batch, data):
     tokens, mask = batch
