@@ -123,3 +123,16 @@ def sample_datapoint(model, tokenize: bool = False, prepend_bos: bool | None = N
     if not tokenize:
         return text
     return model.to_tokens(text, prepend_bos=prepend_bos, padding_side=padding_side, truncate=True)
+
+
+class DatasetMixin:
+    """`model.load_sample_training_dataset(source)` and `model.sample_datapoint()`, as TransformerLens."""
+
+    dataset = None
+
+    def load_sample_training_dataset(self, source: Any = None, **kwargs):
+        return load_sample_training_dataset(self, source, **kwargs)
+
+    def sample_datapoint(self, tokenize: bool = False, prepend_bos: bool | None = None,
+                         padding_side: str | None = None, **kwargs) -> str | torch.Tensor:
+        return sample_datapoint(self, tokenize, prepend_bos, padding_side, **kwargs)

@@ -33,6 +33,14 @@ def test_list_of_strings_and_sampling(model):
     assert tokens.shape == (1, model.cfg.n_ctx) and tokens[0, 0] == model.tokenizer.bos_token_id
 
 
+def test_model_methods_as_in_transformer_lens(model):
+    dataset = model.load_sample_training_dataset(TEXTS[:1])
+    assert model.dataset is dataset
+    assert model.sample_datapoint() == TEXTS[0]
+    tokens = model.sample_datapoint(tokenize=True, prepend_bos=False)
+    assert torch.equal(tokens, model.to_tokens(TEXTS[0], prepend_bos=False))
+
+
 def test_local_files_and_folders(model, tmp_path):
     jsonl = tmp_path / "texts.jsonl"
     jsonl.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(TEXTS)))

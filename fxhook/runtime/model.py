@@ -10,6 +10,7 @@ from torch import fx, nn
 from fxhook.adapter import Adapter
 from fxhook.compiler import GraphSpec, build_variant, capture_graph
 from fxhook.config import HookedTransformerConfig
+from fxhook.datasets import DatasetMixin
 from fxhook.passes.graph_utils import hook_point_nodes
 from fxhook.passes.expose_activations import ACTIVATION_NAMES
 from fxhook.runtime.cache import ActivationCache
@@ -41,7 +42,8 @@ class Output(tuple):
         return self[1]
 
 
-class HookedTransformer(LoadingMixin, TokenizerMixin, WeightViewsMixin, GenerationMixin, CompileMixin, nn.Module):
+class HookedTransformer(LoadingMixin, TokenizerMixin, WeightViewsMixin, GenerationMixin, CompileMixin, DatasetMixin,
+                        nn.Module):
     """A HF causal LM behind the TransformerLens HookedTransformer interface."""
 
     def __init__(self, cfg: HookedTransformerConfig, *, hf_model: nn.Module | None = None,
