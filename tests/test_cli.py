@@ -39,7 +39,8 @@ def test_plot_end_to_end_through_the_installed_command(folder, tmp_path):
     assert command is not None, "the fxhook console script is not installed: pip install -e ."
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([command, "plot", folder, PROMPT, "--corrupted", "The capital of Spain is",
-                           "--answer", "Paris", "--wrong", "Madrid", "--out", str(tmp_path), "--html", "--heads", "L1H0,0.3", "--device", "cpu"],
+                           "--answer", "Paris", "--wrong", "Madrid", "--out", str(tmp_path), "--html",
+                           "--heads", "L1H0,0.3", "--device", "cpu"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     for name in ("attention", "logit_lens", "patching_resid_pre"):

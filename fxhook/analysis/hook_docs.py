@@ -8,7 +8,7 @@ HOOK_DOCS: dict[str, tuple[str, str]] = {
     "hook_embed": ("batch pos d_model", "token embedding"),
     "hook_pos_embed": ("batch pos d_model", "learned position embedding"),
     "blocks.L.hook_resid_pre": ("batch pos d_model", "residual stream entering the block"),
-    "blocks.L.ln1.hook_scale": ("batch pos 1", "norm scale before attention: sqrt(var + eps) (RMS: sqrt(mean x^2 + eps))"),
+    "blocks.L.ln1.hook_scale": ("batch pos 1", "norm scale before attention: sqrt(var + eps); RMS: sqrt(mean x^2 + eps)"),
     "blocks.L.ln1.hook_normalized": ("batch pos d_model", "normalised input to attention (before the norm's weight)"),
     "blocks.L.hook_attn_in": ("batch pos head d_model", "attention input, one copy per head"),
     "blocks.L.hook_q_input": ("batch pos head d_model", "query input, one copy per head"),
