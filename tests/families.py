@@ -14,7 +14,7 @@ from torch import nn
 from transformers import GPTJConfig, GPTJForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM, OPTConfig, \
     OPTForCausalLM, PhiConfig, PhiForCausalLM
 
-MHA_ONLY = ("neox", "gptj", "opt")  # no grouped-query attention in these HF classes
+MHA_ONLY = ("gpt_neox", "gptj", "opt")  # no grouped-query attention in these HF classes
 
 
 def rotary_fraction(spec) -> float:
@@ -26,7 +26,7 @@ def rotary_fraction(spec) -> float:
 
 
 def is_parallel(spec) -> bool:
-    return spec.family in ("gptj", "phi") or (spec.family == "neox" and spec.variant % 2 == 0)
+    return spec.family in ("gptj", "phi") or (spec.family == "gpt_neox" and spec.variant % 2 == 0)
 
 
 def _rope(spec) -> dict:
@@ -67,7 +67,7 @@ def _phi(spec, n_ctx: int, vocab: int) -> nn.Module:
         eos_token_id=1))
 
 
-FAMILY_BUILDERS: dict[str, Callable[..., nn.Module]] = {"neox": _neox, "gptj": _gptj, "opt": _opt, "phi": _phi}
+FAMILY_BUILDERS: dict[str, Callable[..., nn.Module]] = {"gpt_neox": _neox, "gptj": _gptj, "opt": _opt, "phi": _phi}
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class Parts:
 
 
 PARTS = {
-    "neox": Parts("gpt_neox.embed_in", None, "gpt_neox.layers", "gpt_neox.final_layer_norm", "lm_head",
+    "gpt_neox": Parts("gpt_neox.embed_in", None, "gpt_neox.layers", "gpt_neox.final_layer_norm", "lm_head",
                   "input_layernorm", "", "", "", "attention.dense", fused_qkv="attention.query_key_value"),
     "gptj": Parts("transformer.wte", None, "transformer.h", "transformer.ln_f", "lm_head", "ln_1",
                   "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj"),
@@ -128,7 +128,7 @@ def hf_rotate(hf: nn.Module, spec, q: torch.Tensor, k: torch.Tensor, positions: 
         rot = hf.config.rotary_dim or spec.d_head
         return tuple(torch.cat([apply_rotary_pos_emb(x[..., :rot], sin, cos), x[..., rot:]], -1)  # type: ignore
                      for x in (q, k))
-    if spec.family == "neox":
+    if spec.family == "gpt_neox":
         from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
 
         cos, sin = hf.gpt_neox.rotary_emb(q, position_ids=positions)

@@ -23,7 +23,7 @@ from fxhook import HookedTransformer
 from models import NO_SHRINK, VOCAB, ModelSpec, build_hf_model, model_specs, positions_for, token_batches
 from tl_reference_families import tl_model
 
-FAMILIES = ("neox", "gptj", "opt", "phi")
+FAMILIES = ("gpt_neox", "gptj", "opt", "phi")
 ATOL = 1e-5
 # examples per family and property: 1 in the "ci" profile (6 examples), 10 in "thorough" (60)
 EXAMPLES = max(1, settings.default.max_examples // 6)
@@ -208,7 +208,7 @@ def check_hook_edits_and_per_head_flags(spec, hf, model, tokens, mask, cache, la
 
 # ------------------------------------------------------------------------------------ processing
 @pytest.mark.support("*", "processing")
-@pytest.mark.parametrize("family", ["neox", "opt"])
+@pytest.mark.parametrize("family", ["gpt_neox", "opt"])
 @settings(max_examples=EXAMPLES, phases=NO_SHRINK)
 @given(data=st.data())
 def test_processing_without_attention_biases_keeps_hf_log_probs(family, data):

@@ -212,6 +212,8 @@ def own_logits(hf, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return hf(input_ids=tokens, attention_mask=mask, position_ids=positions_for(mask)).logits
 
 
+@pytest.mark.support("inferred", "exact")
+@pytest.mark.support("inferred", "hooks")
 @pytest.mark.parametrize("style", ["llama", "gptj"])
 @settings(max_examples=2, phases=NO_SHRINK)
 @given(batch=token_batches(), seed=st.sampled_from([0, 1]))
@@ -257,6 +259,8 @@ def test_inferred_adapter_equals_the_models_own_forward(style, batch, seed):
                      (cache["blocks.1.hook_attn_out"] if style == "gptj" else 0), atol=1e-5, rtol=0)
 
 
+@pytest.mark.support("inferred", "processing")
+@pytest.mark.support("inferred", "generate")
 @pytest.mark.parametrize("style", ["llama", "gptj"])
 def test_inferred_adapter_processing_and_generation(style):
     """Processed log-probs equal the model's own; greedy generation with fxhook's KV cache equals a
