@@ -95,8 +95,9 @@ class Adapter:
     # q/k norms (block-relative; Qwen3 per head, OLMo 2 over all heads): hooked as attn.q_norm / attn.k_norm
     q_norm: str | None = None
     k_norm: str | None = None
-    # the model multiplies the token embedding by sqrt(d_model) before block 0 (Gemma): hook_embed is the
-    # scaled embedding, as in TransformerLens (whose W_E has the scale folded in)
+    # the token embedding is multiplied by sqrt(d_model) (Gemma): hook_embed is the scaled embedding, as in
+    # TransformerLens (whose W_E has the scale folded in), marked where it enters block 0 (transformers 5
+    # scales inside the embedding module, earlier versions in the model's forward: right for both)
     scaled_embedding: bool = False
     # a mixture-of-experts MLP (Mixtral): routing hooks mlp.hook_expert_weights / hook_expert_indices
     experts: Experts | None = None

@@ -3,6 +3,7 @@
     python scripts/support_table.py                 # run the tests marked @pytest.mark.support, rewrite README
     python scripts/support_table.py --json out.json # use a run recorded with FXHOOK_SUPPORT_JSON=out.json
     python scripts/support_table.py --check         # exit 1 if the README table differs from the results
+    python scripts/support_table.py tests/test_families_norms.py   # only these test files (others' cells vanish)
 
 A cell reads "yes" only when every test marked for that (family, feature) passed in the run and at
 least one of them exercised the family; "FAIL" when one failed; blank when nothing tested it.
@@ -32,7 +33,7 @@ FEATURES = {  # feature key -> column title
 FAMILY_NAMES = {  # family key -> how the table names it; unknown keys appear as they are
     "gpt2": "GPT-2", "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3",
     "gemma": "Gemma", "gemma2": "Gemma 2", "olmo2": "OLMo 2", "mixtral": "Mixtral",
-    "gpt_neox": "GPT-NeoX", "gptj": "GPT-J", "opt": "OPT", "phi": "Phi", "bloom": "Bloom",
+    "neox": "GPT-NeoX", "gptj": "GPT-J", "opt": "OPT", "phi": "Phi", "bloom": "Bloom",
     "inferred": "inferred adapter",
 }
 MARK = {"pass": "yes", "fail": "FAIL", "skipped": "skipped"}
@@ -71,12 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="read the outcomes from this file instead of running the tests")
     parser.add_argument("--check", action="store_true", help="do not write; exit 1 if README is out of date")
+    parser.add_argument("--save-json", help="keep the recorded outcomes of the test run in this file")
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (e.g. test files)")
     args = parser.parse_args(argv)
     if args.json:
         path = args.json
     else:
-        path = os.path.join(tempfile.mkdtemp(), "support.json")
+        path = args.save_json or os.path.join(tempfile.mkdtemp(), "support.json")
         run_tests(path, args.pytest_args)  # failures show as FAIL cells, not as a missing table
         if not os.path.exists(path):
             print("no test carrying a support mark ran", file=sys.stderr)

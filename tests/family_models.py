@@ -1,5 +1,5 @@
 """Small random HF models for the norm-variant and MoE families: Gemma, Gemma 2, Qwen3, OLMo 2, Mixtral,
-and Mistral with a sliding window short enough to matter.
+Mistral with a sliding window short enough to matter, and Qwen2 (its q/k/v biases always on).
 
 Norm weights and biases are randomised as in tests/models.py. Gemma 2's soft-caps are small enough to
 bite on these tiny models (scores and logits of order 1) and its window short enough that prompts run
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from models import VOCAB, ModelSpec, randomise_biases, randomise_norms
 from support import note_family
 
-FAMILIES = ("gemma", "gemma2", "qwen3", "olmo2", "mixtral", "mistral")
+FAMILIES = ("gemma", "gemma2", "qwen3", "olmo2", "mixtral", "mistral", "qwen2")
 _CLASSES = {
     "gemma": ("GemmaConfig", "GemmaForCausalLM"),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
@@ -24,6 +24,7 @@ _CLASSES = {
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
     "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
 }
 POST_NORM = ("olmo2",)
 QK_NORM = ("qwen3", "olmo2")

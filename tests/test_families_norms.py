@@ -1,4 +1,4 @@
-"""Gemma, Gemma 2, Qwen3, OLMo 2, Mixtral and windowed Mistral against the HF model and TransformerLens 3.9.
+"""Gemma, Gemma 2, Qwen3, OLMo 2, Mixtral, windowed Mistral and Qwen2 against the HF model and TransformerLens 3.9.
 
 Per family (hypothesis draws the config: heads, GQA/MQA, biases, tying, Gemma 2's window, caps and
 query scale, Mixtral's experts): logits exact to 1e-5 without processing (left padding included), the
@@ -27,8 +27,10 @@ from tl_reference_norms import tl_model
 ATOL = 1e-5
 # one example per family under the "ci" profile (each costs a capture), ten under "thorough"
 EXAMPLES = max(1, settings().max_examples // 6)
-FAMILIES = ("gemma", "gemma2", "qwen3", "olmo2", "mixtral", "mistral")
+FAMILIES = ("gemma", "gemma2", "qwen3", "olmo2", "mixtral", "mistral", "qwen2")
 TL_FAMILIES = ("gemma", "gemma2", "qwen3", "olmo2", "mixtral")  # TransformerLens 3.9 has these
+# Mistral's generation past its window: tests/test_generate.py; Qwen2 here for its always-on q/k/v biases
+GENERATE_FAMILIES = (*TL_FAMILIES, "qwen2")
 # the HF module (in each decoder layer) whose output is what the attention / MLP adds to the residual
 HF_ATTN_OUT = {"gemma2": "post_attention_layernorm", "olmo2": "post_attention_layernorm"}
 HF_MLP_OUT = {"gemma2": "post_feedforward_layernorm", "olmo2": "post_feedforward_layernorm"}
@@ -272,7 +274,7 @@ def test_activations_match_transformer_lens(family, data):
 
 
 # ------------------------------------------------------------------------ generation
-@pytest.mark.parametrize("family", tagged(TL_FAMILIES, "generate"))  # Mistral's: tests/test_generate.py
+@pytest.mark.parametrize("family", tagged(GENERATE_FAMILIES, "generate"))
 @settings(max_examples=EXAMPLES, phases=NO_SHRINK)
 @given(data=st.data())
 def test_greedy_generation_with_kv_cache_equals_hf_generate(family, data):
