@@ -138,6 +138,9 @@ class _Inference:
                 if inner_norms:
                     raise self.fail(f"attention {child_name!r} normalises inside ({inner_norms}: q/k norms), "
                                     "which the common layout has no hooks for")
+                if not isinstance(getattr(child, "layer_idx", None), int):
+                    raise self.fail(f"attention {type(child).__name__} has no integer layer_idx attribute, by which "
+                                    "fxhook's attention capture knows the layer")
                 if "ALL_ATTENTION_FUNCTIONS" not in _source(type(child)):
                     raise self.fail(f"attention {type(child).__name__} does not go through transformers' attention "
                                     "registry (ALL_ATTENTION_FUNCTIONS), where fxhook marks q/k/v, scores and z")

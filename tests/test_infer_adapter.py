@@ -5,7 +5,7 @@ error that names what was not found and where to add an adapter.
 `TinyDecoderForCausalLM` is a small HF-style model (PreTrainedModel, transformers' attention
 registry and causal mask). Its config picks a style: "llama" (RMSNorm, rotary, gated SiLU MLP,
 sequential blocks) or "gptj" (LayerNorm, learned positions, GELU MLP, one norm read by parallel
-attention and MLP); and, for the refusals, "fused_qkv" and "post_norm".
+attention and MLP); and, for the refusals, "fused_qkv", "post_norm" and "no_layer_idx".
 """
 from __future__ import annotations
 
@@ -84,7 +84,9 @@ def eager_attention(module, q, k, v, mask, scaling, dropout=0.0, **kwargs):
 class TinyAttention(nn.Module):
     def __init__(self, config: TinyConfig, layer_idx: int):
         super().__init__()
-        self.config, self.layer_idx, self.is_causal = config, layer_idx, True
+        self.config, self.is_causal = config, True
+        if config.style != "no_layer_idx":
+            self.layer_idx = layer_idx
         d, dh = config.hidden_size, config.head_dim
         self.fused = config.style == "fused_qkv"
         if self.fused:
@@ -283,6 +285,7 @@ def test_inferred_adapter_processing_and_generation(style):
 @pytest.mark.parametrize("style, names", [
     ("fused_qkv", r"no block child with separate q/k/v projections.*adapters/"),
     ("post_norm", r"(reads the block input|block's output is not its input).*adapters/"),
+    ("no_layer_idx", r"attention TinyAttention has no integer layer_idx.*adapters/"),
 ])
 def test_unusual_layouts_get_an_error_naming_what_is_missing(style, names):
     with pytest.raises(CannotInferAdapter, match=f"no adapter for TinyDecoderForCausalLM.*{names}"):
