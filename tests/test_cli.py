@@ -12,6 +12,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from fxhook import HookedTransformer
+from fxhook.analysis.hook_docs import describe
 from fxhook.cli import main
 from fxhook.models_offline import gpt2_tokenizer
 
@@ -75,6 +76,10 @@ def test_hooks_lists_names_shapes_and_meanings(folder, capsys):
     for name, shape in listed.items():
         assert shape == "x".join(map(str, cache[name].shape)), name
     assert "attention pattern (softmax of the scores)" in out and "Blocks 1..1 have the same hooks" in out
+    model.set_use_attn_result(True)
+    model.set_use_split_qkv_input(True)
+    model.set_use_hook_mlp_in(True)
+    assert all(describe(name)[1] for name in model.hook_dict)  # every hook has a meaning to show
     status, out, _ = cli(capsys, "hooks", folder, "--filter", "hook_pattern", "--all")
     assert status == 0 and "blocks.1.attn.hook_pattern" in out and "hook_z" not in out
 
