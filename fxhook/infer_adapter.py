@@ -311,7 +311,23 @@ class _Inference:
         for x in ("up", "gate"):
             if f"proj:{x}" in seen.inputs and not same(seen.inputs[f"proj:{x}"], mlp_reads):
                 raise self.fail(f"the MLP's {x} projection does not read the MLP input")
+        self.check_activation(seen, same)
         return ln1, ln2, parallel
+
+    def check_activation(self, seen: _Probe, same) -> None:
+        """The down projection reads act(gate) * up (gated) or act(up), with the config's activation, so
+        that hook_pre / hook_pre_linear / hook_post are what they say (skipped without hidden_act)."""
+        from transformers.activations import ACT2FN
+
+        name = getattr(self.config, "hidden_act", None)
+        if not isinstance(name, str) or name not in ACT2FN:
+            return
+        act = ACT2FN[name]
+        up = seen.outputs["proj:up"]
+        expected = act(seen.outputs["proj:gate"]) * up if "proj:gate" in seen.outputs else act(up)
+        if not same(seen.inputs["proj:down"], expected):
+            raise self.fail(f"the MLP's down projection does not read {name}(gate) * up (or {name}(up)): the "
+                            "gate and up projections could not be told apart by name")
 
 
 def infer_adapter(hf_model: nn.Module, supported: list[str] | None = None) -> Adapter:

@@ -5,7 +5,8 @@ error that names what was not found and where to add an adapter.
 `TinyDecoderForCausalLM` is a small HF-style model (PreTrainedModel, transformers' attention
 registry and causal mask). Its config picks a style: "llama" (RMSNorm, rotary, gated SiLU MLP,
 sequential blocks) or "gptj" (LayerNorm, learned positions, GELU MLP, one norm read by parallel
-attention and MLP); and, for the refusals, "fused_qkv", "post_norm" and "no_layer_idx".
+attention and MLP); and, for the refusals, "fused_qkv", "post_norm", "no_layer_idx" and
+"swapped_gate" (the activation on the projection named up_proj).
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ class TinyConfig(PreTrainedConfig):
         self.num_key_value_heads = num_key_value_heads if style != "gptj" else num_attention_heads
         self.intermediate_size, self.max_position_embeddings = intermediate_size, max_position_embeddings
         self.rms_norm_eps = rms_norm_eps
-        self.hidden_act = "silu" if style == "llama" else "gelu"
+        self.hidden_act = "silu" if style in ("llama", "swapped_gate") else "gelu"
         self.head_dim = hidden_size // num_attention_heads
         super().__init__(**kwargs)
 
@@ -115,12 +116,15 @@ class TinyMLP(nn.Module):
     def __init__(self, config: TinyConfig):
         super().__init__()
         d, m = config.hidden_size, config.intermediate_size
-        self.gated = config.style == "llama"
+        self.gated = config.style in ("llama", "swapped_gate")
+        self.swapped = config.style == "swapped_gate"  # the activation on up_proj, not gate_proj
         if self.gated:
             self.gate_proj = nn.Linear(d, m, bias=False)
         self.up_proj, self.down_proj = nn.Linear(d, m), nn.Linear(m, d)
 
     def forward(self, x):
+        if self.swapped:
+            return self.down_proj(self.gate_proj(x) * nn.functional.silu(self.up_proj(x)))
         if self.gated:
             return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(nn.functional.gelu(self.up_proj(x)))
@@ -286,6 +290,7 @@ def test_inferred_adapter_processing_and_generation(style):
     ("fused_qkv", r"no block child with separate q/k/v projections.*adapters/"),
     ("post_norm", r"(reads the block input|block's output is not its input).*adapters/"),
     ("no_layer_idx", r"attention TinyAttention has no integer layer_idx.*adapters/"),
+    ("swapped_gate", r"down projection does not read silu\(gate\) \* up.*adapters/"),
 ])
 def test_unusual_layouts_get_an_error_naming_what_is_missing(style, names):
     with pytest.raises(CannotInferAdapter, match=f"no adapter for TinyDecoderForCausalLM.*{names}"):
