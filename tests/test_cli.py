@@ -29,6 +29,25 @@ def folder(tmp_path_factory):
     return str(path)
 
 
+_LOADED: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def load_once(monkeypatch):
+    """In-process commands load each model once for the module (loading itself is the loader's
+    tests' business; the subprocess test below runs the command's own loading end to end)."""
+    import fxhook.cli as cli_module
+
+    real = cli_module.load_model
+
+    def cached(args):
+        key = (args.model, args.no_processing, args.layers)
+        if key not in _LOADED:
+            _LOADED[key] = real(args)
+        return _LOADED[key]
+    monkeypatch.setattr(cli_module, "load_model", cached)
+
+
 def cli(capsys, *argv: str) -> tuple[int, str, str]:
     status = main(list(argv))
     out, err = capsys.readouterr()

@@ -28,7 +28,7 @@ def metric_for(answer: int, wrong: int):
     return lambda logits: logits[0, -1, answer] - logits[0, -1, wrong]
 
 
-@settings(max_examples=4, phases=NO_SHRINK)
+@settings(max_examples=3, phases=NO_SHRINK)
 @given(spec=model_specs(), length=st.integers(3, 6), data=st.data())
 def test_patching_properties(spec, length, data):
     model = HookedTransformer.from_pretrained_no_processing(hf_model=build_hf_model(spec))
