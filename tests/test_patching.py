@@ -113,6 +113,14 @@ def test_explicit_indices_progress_and_errors(pair, capfd):
     assert torch.allclose(picked, torch.stack([grid[1, 3, 2], grid[0, 1, 0]]))
     patching.get_act_patch_attn_out(model, corrupted, cache, metric)  # 8 runs: no bar by default
     assert "patching" not in capfd.readouterr().err
+    # a compiled model sweeps eager (a backend that does not exist would fail on first use), and stays compiled
+    model.compile(backend="no_such_backend")
+    try:
+        assert torch.allclose(patching.get_act_patch_attn_out(model, corrupted, cache, metric),
+                              patching.get_act_patch_attn_out(model, corrupted, cache, metric, patches_per_run=1))
+        assert model.is_compiled
+    finally:
+        model.compile(False)
     with pytest.raises(ValueError, match="same batch size and number of tokens"):
         patching.get_act_patch_resid_pre(model, corrupted[:, :3], cache, metric)
     with pytest.raises(ValueError, match="exactly one of"):

@@ -7,11 +7,13 @@ and result shapes).
     results = get_act_patch_resid_pre(model, corrupted_tokens, clean_cache, metric)   # [layer, pos]
 
 Every function measures each index separately, several patches to a forward pass (as copies of
-the input along the batch axis), under torch.no_grad; a tqdm bar shows on sweeps of more than
-PROGRESS_FROM patches (progress=True/False to choose).
+the input along the batch axis), under torch.no_grad and eager even on a compiled model (each
+newly hooked point would compile); a tqdm bar shows on sweeps of more than PROGRESS_FROM
+patches (progress=True/False to choose).
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 from typing import Callable, Literal, Sequence
 
@@ -81,6 +83,19 @@ def layer_head_dest_src_pos_pattern_patch_setter(corrupted: torch.Tensor, index:
 
 
 # ------------------------------------------------------------------ the generic sweep
+@contextlib.contextmanager
+def _eager(model):
+    """Sweeps run eager: on a compiled model every newly hooked point would compile its own graph
+    (seconds to minutes each), which a sweep over layers never earns back."""
+    options = getattr(model, "_compile_options", None)  # fxhook's CompileMixin state (None: eager)
+    if options is None:
+        yield
+        return
+    model.compile(False)
+    try:
+        yield
+    finally:
+        model.compile(True, backend=options.backend, mode=options.mode, dynamic=options.dynamic)
 def _axis_sizes(model, activation_name: str, n_pos: int) -> dict[str, int]:
     heads = model.cfg.n_kv_heads if activation_name in ("k", "v") else model.cfg.n_heads
     return {"layer": model.cfg.n_layers, "pos": n_pos, "src_pos": n_pos, "dest_pos": n_pos,
@@ -140,22 +155,23 @@ def generic_activation_patch(model, corrupted_tokens: torch.Tensor | str, clean_
             activation = activation.clone()
             source = clean.to(activation.device)
             for copy, index in members:
-                rows = slice(copy * batch, (copy + 1) * batch)
-                activation[rows] = patch_setter(activation[rows], index, source)
+                part = slice(copy * batch, (copy + 1) * batch)
+                activation[part] = patch_setter(activation[part], index, source)
             return activation
         return hook
 
     show = len(rows) > PROGRESS_FROM if progress is None else progress
     per_run = max(1, int(patches_per_run))
     bar = tqdm(total=len(rows), desc=f"patching {activation_name}", disable=not show)
-    with torch.no_grad():
+    with torch.no_grad(), _eager(model):
         for start in range(0, len(rows), per_run):
             chunk = rows[start:start + per_run]
             by_name: dict[str, list[tuple[int, Sequence[int]]]] = {}
             for copy, index in enumerate(chunk):
                 by_name.setdefault(get_act_name(activation_name, index[0]), []).append((copy, index))
             tokens = corrupted_tokens.repeat(len(chunk), 1)  # one copy of the input per patch
-            logits = model.run_with_hooks(tokens, fwd_hooks=[(n, patch(n, m)) for n, m in by_name.items()])
+            hooks = [(name, patch(name, members)) for name, members in by_name.items()]
+            logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
             for copy, index in enumerate(chunk):
                 value = float(patching_metric(logits[copy * batch:(copy + 1) * batch]))
                 results[index if index_df is None else start + copy] = value
