@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from typing import Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from fxhook.utils import get_act_name
+
+if TYPE_CHECKING:
+    from fxhook.runtime.cache import ActivationCache
+    from fxhook.runtime.model import HookedTransformer
 
 AxisName = Literal["layer", "pos", "head_index", "head", "src_pos", "dest_pos"]
 Metric = Callable[[torch.Tensor], torch.Tensor]  # logits [batch, pos, d_vocab] -> scalar
@@ -110,7 +114,8 @@ def _rows_of(index_df) -> tuple[list[tuple[int, ...]], list[str] | None]:
     return rows, None
 
 
-def generic_activation_patch(model, corrupted_tokens: torch.Tensor | str, clean_cache, patching_metric: Metric,
+def generic_activation_patch(model: HookedTransformer, corrupted_tokens: torch.Tensor | str,
+                             clean_cache: ActivationCache, patching_metric: Metric,
                              patch_setter: PatchSetter, activation_name: str,
                              index_axis_names: Sequence[AxisName] | None = None, index_df=None,
                              return_index_df: bool = False, progress: bool | None = None,
@@ -186,7 +191,8 @@ def generic_activation_patch(model, corrupted_tokens: torch.Tensor | str, clean_
 
 # ------------------------------------------------------------------ the usual sweeps
 def _sweep(activation_name: str, setter: PatchSetter, axes: tuple[str, ...], what: str):
-    def run(model, corrupted_tokens, clean_cache, patching_metric: Metric, progress: bool | None = None,
+    def run(model: HookedTransformer, corrupted_tokens: torch.Tensor, clean_cache: ActivationCache,
+            patching_metric: Metric, progress: bool | None = None,
             patches_per_run: int = 8) -> torch.Tensor:
         return generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metric, setter,
                                         activation_name, index_axis_names=axes, progress=progress,
@@ -240,7 +246,8 @@ def _pad_heads(results: torch.Tensor, n_heads: int) -> torch.Tensor:
     return torch.nn.functional.pad(results, (0, n_heads - results.shape[-1]))
 
 
-def get_act_patch_attn_head_all_pos_every(model, corrupted_tokens, clean_cache, metric: Metric,
+def get_act_patch_attn_head_all_pos_every(model: HookedTransformer, corrupted_tokens: torch.Tensor,
+                                          clean_cache: ActivationCache, metric: Metric,
                                           progress: bool | None = None) -> torch.Tensor:
     """[5 (z, q, k, v, pattern), layer, head]: every head, every position at once."""
     n = model.cfg.n_heads
@@ -251,7 +258,8 @@ def get_act_patch_attn_head_all_pos_every(model, corrupted_tokens, clean_cache, 
                         get_act_patch_attn_head_pattern_all_pos(*args)])
 
 
-def get_act_patch_attn_head_by_pos_every(model, corrupted_tokens, clean_cache, metric: Metric,
+def get_act_patch_attn_head_by_pos_every(model: HookedTransformer, corrupted_tokens: torch.Tensor,
+                                         clean_cache: ActivationCache, metric: Metric,
                                          progress: bool | None = None) -> torch.Tensor:
     """[5 (z, q, k, v, pattern), layer, pos, head]: every head at every (query) position."""
     n = model.cfg.n_heads
@@ -262,7 +270,8 @@ def get_act_patch_attn_head_by_pos_every(model, corrupted_tokens, clean_cache, m
                         _pad_heads(get_act_patch_attn_head_v_by_pos(*args), n), pattern])
 
 
-def get_act_patch_block_every(model, corrupted_tokens, clean_cache, metric: Metric,
+def get_act_patch_block_every(model: HookedTransformer, corrupted_tokens: torch.Tensor,
+                              clean_cache: ActivationCache, metric: Metric,
                               progress: bool | None = None) -> torch.Tensor:
     """[3 (resid_pre, attn_out, mlp_out), layer, pos]."""
     args = (model, corrupted_tokens, clean_cache, metric, progress)

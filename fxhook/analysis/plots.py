@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from fxhook.runtime.cache import ActivationCache
+    from fxhook.runtime.model import HookedTransformer
 
 
 def _figure(width: float, height: float):
@@ -54,7 +58,7 @@ def _write(fig, path: str | Path, html_fig=None) -> list[Path]:
 
 
 # ------------------------------------------------------------------ attention
-def plot_attention_patterns(cache, heads: Sequence[tuple[int, int]], str_tokens: Sequence[str],
+def plot_attention_patterns(cache: ActivationCache, heads: Sequence[tuple[int, int]], str_tokens: Sequence[str],
                             path: str | Path, batch: int = 0, html: bool = False) -> list[Path]:
     """One heatmap per (layer, head): query position (rows) attends to key position (columns)."""
     if not heads:
@@ -112,7 +116,8 @@ class LogitLens:
     answer_probs: torch.Tensor | None  # [rows, pos]: the probability of `answer`, if given
 
 
-def logit_lens(model, cache, batch: int = 0, answer: str | int | None = None) -> LogitLens:
+def logit_lens(model: HookedTransformer, cache: ActivationCache, batch: int = 0,
+               answer: str | int | None = None) -> LogitLens:
     """accumulated_resid through the final norm (recomputed per layer) and the unembedding."""
     resid, labels = cache.accumulated_resid(apply_ln=True, return_labels=True)  # [rows, (b,) pos, d_model]
     if cache.has_batch_dim:
@@ -128,8 +133,8 @@ def logit_lens(model, cache, batch: int = 0, answer: str | int | None = None) ->
     return LogitLens(labels, top_tokens, top_probs.cpu(), None if answer_probs is None else answer_probs.cpu())
 
 
-def plot_logit_lens(model, cache, str_tokens: Sequence[str], path: str | Path, batch: int = 0,
-                    answer: str | int | None = None, html: bool = False) -> list[Path]:
+def plot_logit_lens(model: HookedTransformer, cache: ActivationCache, str_tokens: Sequence[str], path: str | Path,
+                    batch: int = 0, answer: str | int | None = None, html: bool = False) -> list[Path]:
     """Heatmap of the logit lens: each cell names the top next token at that layer and position,
     coloured by its probability (or by the probability of `answer`, when given)."""
     lens = logit_lens(model, cache, batch, answer)
