@@ -111,3 +111,36 @@ def embeds_input(gm: fx.GraphModule) -> fx.GraphModule:
         embeds = graph.placeholder("input_embeds")
     markers[0].args = (embeds, *markers[0].args[1:])
     return finish(gm)
+
+
+_SDPA = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                      scale: float | None = None, enable_gqa: bool = False, **_unused) -> torch.Tensor:
+    """SDPA's result for grouped-query attention without repeating k and v.
+
+    q [b, h, n, d], k/v [b, kv, L, d]: the r = h / kv query heads of a group are laid out as r * n
+    rows against their group's keys, so both products are plain batched matmuls over the cache.
+    (Compiled SDPA with enable_gqa copies each layer's whole static cache r times at every token.)
+    """
+    b, h, n, d = q.shape
+    groups = k.shape[1]
+    r = h // groups
+    scale = d ** -0.5 if scale is None else scale
+    scores = torch.matmul(q.reshape(b, groups, r * n, d), k.transpose(-1, -2)) * scale  # [b, kv, r*n, L]
+    if attn_mask is not None:
+        grouped = scores.view(b, groups, r, n, -1)
+        mask = attn_mask.unsqueeze(2)  # [b, 1, 1, n, L]
+        grouped = grouped.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else grouped + mask
+        scores = grouped.view(b, groups, r * n, -1)
+    pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    return torch.matmul(pattern, v).view(b, h, n, v.shape[-1])
+
+
+def ungrouped_sdpa(gm: fx.GraphModule) -> fx.GraphModule:
+    """Replace SDPA calls with enable_gqa by `grouped_attention` (for the compiled static-cache graph)."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in _SDPA and node.kwargs.get("enable_gqa"):
+            node.target = grouped_attention
+    return finish(gm)

@@ -60,6 +60,7 @@ def _is_noop(node: fx.Node) -> bool:
 
 _PURE_FUNCTIONS = {operator.invert, operator.or_, operator.and_, operator.neg, operator.getitem}
 _PURE_METHODS = {"any", "all", "transpose", "unsqueeze", "to", "view", "reshape", "float", "bool"}
+_COPIES = (aten.clone.default, aten._to_copy.default, aten.copy.default)  # asked-for distinct buffers
 _RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 _INNER_RESHAPES = _RESHAPES + (aten.unflatten.int, aten.flatten.using_ints)
 
@@ -72,7 +73,7 @@ def _pure(node: fx.Node) -> bool:
         return False
     if t in _PURE_FUNCTIONS:
         return True
-    if not isinstance(t, torch._ops.OpOverload):
+    if not isinstance(t, torch._ops.OpOverload) or t in _COPIES:
         return False
     schema = t._schema
     return not schema.is_mutable and torch.Tag.nondeterministic_seeded not in t.tags

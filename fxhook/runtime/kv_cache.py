@@ -92,6 +92,7 @@ class StaticKVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.attention_mask = torch.zeros((batch_size, max_len), dtype=torch.long, device=device)
         self.length = 0  # slots written so far
+        self.warm_graph = None  # the compiled decode graph that last ran on this cache
 
     @staticmethod
     def bucket(length: int, n_ctx: int, smallest: int = 64) -> int:
