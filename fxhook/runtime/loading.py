@@ -294,7 +294,7 @@ def find_adapter(hf_model):
 
     name = type(hf_model).__name__
     if name in REFUSED:
-        raise NotImplementedError(REFUSED[name])
+        raise NotImplementedError(f"{name} has no fxhook adapter, by design: {REFUSED[name]}")
     if name not in BY_ARCHITECTURE:
         from fxhook.infer_adapter import infer_adapter
 
