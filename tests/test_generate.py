@@ -429,3 +429,52 @@ def test_decode_graph_self_check_refuses_a_wrong_decode(pair):
 
     with pytest.raises(NotImplementedError, match="use_past_kv_cache=False"):
         verify_decode(reads_unwritten_slots, *args, static=True)
+
+
+def test_static_cache_graph_equals_growing_cache_under_flags_and_pattern_hooks(pair):
+    """The graph compiled decode runs (static cache), run eagerly: same logits as the growing cache,
+    with per-head flags on and with a pattern hook (whose keys then span the whole static cache)."""
+    _, model = pair
+    tokens, mask = padded_batch(24)
+    p = tokens.shape[1]
+    patterns = []
+    try:
+        model.set_use_attn_result(True)
+        model.set_ungroup_grouped_query_attention(True)
+        with torch.no_grad(), model.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern",
+                                                       lambda x, hook: patterns.append(x.clone()))]):
+            growing, static = model.init_kv_cache(2), model.init_static_kv_cache(2, 16)
+            a = [model._run_growing(growing, tokens, mask)]
+            b = [model._run_static(static, tokens, mask)]
+            for t in range(3):
+                new = torch.full((2, 1), 5 + t)
+                a.append(model._run_growing(growing, new, torch.ones_like(new)))
+                b.append(model._run_static(static, new, torch.ones_like(new)))
+    finally:
+        model.set_use_attn_result(False)
+        model.set_ungroup_grouped_query_attention(False)
+    torch.testing.assert_close(torch.cat(b, 1), torch.cat(a, 1), atol=1e-4, rtol=0)
+    last_growing, last_static = patterns[-2], patterns[-1]  # the last step, growing then static
+    assert last_static.shape[-1] == 16 and last_growing.shape[-1] == p + 3
+    torch.testing.assert_close(last_static[..., :p + 3], last_growing, atol=1e-5, rtol=0)
+    assert (last_static[..., p + 3:] == 0).all()  # unwritten slots get no attention
+
+
+def test_decode_graph_simplification_keeps_values_and_drops_nodes(pair):
+    from fxhook.capture.kv import positions_from_mask
+    from fxhook.compiler import build_variant, capture_decode_graph
+    from fxhook.passes.kv_cache import lower_growing_cache
+
+    _, model = pair
+    spec = model._current_spec()
+    simplified = model.decode_graph_for(spec)
+    captured = lower_growing_cache(capture_decode_graph(model.hf_model, model.adapter, model.cfg))
+    plain = build_variant(captured, spec, model.cfg, model.adapter, model._make_point)
+    assert len(simplified.graph.nodes) < 0.9 * len(plain.graph.nodes)
+    assert not [n for n in simplified.graph.nodes if n.target is torch.ops.aten._assert_tensor_metadata.default]
+    tokens, mask = padded_batch(25)
+    cache = model.init_kv_cache(2)
+    args = (tokens, positions_from_mask(mask, tokens.shape[1]), mask, *cache.keys, *cache.values)
+    with torch.no_grad():
+        for x, y in zip(simplified(*args), plain(*args)):
+            torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
