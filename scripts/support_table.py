@@ -33,7 +33,7 @@ FEATURES = {  # feature key -> column title
 FAMILY_NAMES = {  # family key -> how the table names it; unknown keys appear as they are
     "gpt2": "GPT-2", "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3",
     "gemma": "Gemma", "gemma2": "Gemma 2", "olmo2": "OLMo 2", "mixtral": "Mixtral",
-    "neox": "GPT-NeoX", "gptj": "GPT-J", "opt": "OPT", "phi": "Phi", "bloom": "Bloom",
+    "gpt_neox": "GPT-NeoX", "neox": "GPT-NeoX", "gptj": "GPT-J", "opt": "OPT", "phi": "Phi", "bloom": "Bloom",
     "inferred": "inferred adapter",
 }
 MARK = {"pass": "yes", "fail": "FAIL", "skipped": "skipped"}
