@@ -70,10 +70,12 @@ def bench(name: str, model: HookedTransformer, tokens: torch.Tensor, n_new: int,
                                    use_compiled_decode=c) for c in (False, True)]
         print(f"  compiled decode tokens == eager tokens: {outs[0].tolist() == outs[1].tolist()}")
     times: dict[str, list[float]] = {label: [] for label in systems}
-    for _ in range(repeats):  # interleaved, so machine drift hits every system alike
+    floors = []
+    for _ in range(repeats):  # interleaved with the floor, so machine drift hits every measure alike
         for label, run in systems.items():
             times[label].append(time_call(run))
-    floor = matvec_floor(hf, max(5, repeats))
+        floors.append(matvec_floor(hf, 3))
+    floor = statistics.median(floors)
     tps = {label: n_new / statistics.median(t) for label, t in times.items()}
     hf_tps = tps["HF generate"]
     print(f"\n{name}: batch 1, prompt {tokens.shape[1]} tokens, {n_new} new tokens, median of {repeats}, "

@@ -7,10 +7,12 @@ attached by name fire in whichever graph runs. Each lowering is checked once
 against the full graph on a tiny input before it is used (`verify_decode`).
 
 Compiled decode is `torch.compile` (inductor) of the static-cache graph
-pruned to the hooked points. Hooks live in plain lists on the HookPoints,
-which dynamo guards: a hook added or removed after compiling is traced into,
-or out of, a recompiled graph, never ignored. A new set of hooked points
-selects another pruned graph, compiled on first use.
+pruned to the hooked points: the graph that runs is chosen per step from the
+set of points that have hooks, so a hook added after compiling selects a graph
+that has its point (compiled on first use) and a removed one the graph without
+it; hooks are never ignored. Under compilation a hooked point runs its hooks
+as plain Python between compiled regions (runtime/hook_point.py), so a new
+hook function at an already hooked point reuses the compiled code.
 """
 from __future__ import annotations
 
