@@ -35,9 +35,9 @@ GENERATE_FAMILIES = (*TL_FAMILIES, "qwen2")
 HF_ATTN_OUT = {"gemma2": "post_attention_layernorm", "olmo2": "post_attention_layernorm"}
 HF_MLP_OUT = {"gemma2": "post_feedforward_layernorm", "olmo2": "post_feedforward_layernorm"}
 PER_HEAD_FLAGS = ("set_use_attn_result", "set_use_split_qkv_input", "set_use_attn_in")
-# fxhook/passes/per_head.py rewrites hook_attn_out's input (dropping a post norm between the attention and
-# hook_attn_out) and runs ln1 on the per-head inputs (which a post-norm block does not have)
-POST_NORM_BREAKS = {("gemma2", "set_use_attn_result"), *(("olmo2", flag) for flag in PER_HEAD_FLAGS)}
+# post-norm blocks normalise q/k over all heads and the attention output as a whole: the per-head flags
+# are refused there (fxhook/passes/per_head.py), with an error that says what to hook instead
+POST_NORM_REFUSED = {("olmo2", flag) for flag in PER_HEAD_FLAGS}
 
 
 def tagged(families, *features):
@@ -178,7 +178,7 @@ def test_logits_exact_hooks_follow_the_contract_and_read_hf_values(family, data)
     if family == "gemma2":
         check_soft_caps_apply(spec, hf, model, cache, logits, keep)
     for flag in PER_HEAD_FLAGS:  # the flag-gated per-head hooks keep the logits
-        if (family, flag) in POST_NORM_BREAKS or (flag == "set_use_attn_in" and spec.n_kv_heads != spec.n_heads):
+        if (family, flag) in POST_NORM_REFUSED or (flag == "set_use_attn_in" and spec.n_kv_heads != spec.n_heads):
             continue
         getattr(model, flag)(True)
         try:
@@ -329,9 +329,15 @@ def _per_head_logits(family: str, flag: str) -> tuple[torch.Tensor, torch.Tensor
         getattr(model, flag)(False)
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: the per-head passes (fxhook/passes/per_head.py) do not know "
-                                       "post norms yet; remove this mark when they do")
-@pytest.mark.parametrize("family, flag", sorted(POST_NORM_BREAKS))
-def test_per_head_hooks_with_post_norms(family, flag):
-    ours, ref = _per_head_logits(family, flag)
+@pytest.mark.support("gemma2", "hooks")
+def test_attn_result_under_a_post_norm_keeps_the_logits():
+    """Gemma 2: hook_result is each head's output before ln1_post; their sum goes through it."""
+    ours, ref = _per_head_logits("gemma2", "set_use_attn_result")
     assert_close(ours, ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family, flag", sorted(POST_NORM_REFUSED))
+def test_post_norm_blocks_refuse_per_head_flags(family, flag):
+    with pytest.raises(NotImplementedError, match="post-norm blocks.*hook_z"):
+        _per_head_logits(family, flag)
+

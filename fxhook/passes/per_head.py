@@ -30,9 +30,21 @@ def _require(adapter: Adapter, *fields: str) -> None:
                                   f"per-head hooks need them (add Projection entries in adapters/)")
 
 
+def _refuse_post_norm_blocks(adapter: Adapter, flag: str) -> None:
+    """Post-norm blocks (OLMo 2) normalise q and k over all heads and the attention output as a whole:
+    a per-head split cannot reproduce that, so the flag is refused rather than computed wrongly."""
+    if adapter.post_norm:
+        raise NotImplementedError(
+            f"{flag} is not available for {adapter.architectures[0]}: its post-norm blocks normalise "
+            f"the attention output (and q/k across all heads) as a whole, so per-head hooks cannot be split "
+            f"out of it; hook blocks.L.attn.hook_z (per head, before the output projection) instead")
+
+
 def split_attn_result(gm: fx.GraphModule, adapter: Adapter, cfg: HookedTransformerConfig) -> fx.GraphModule:
-    """attn_out = sum_h hook_result[b, p, h, d_model] + b_O."""
+    """attn_out = sum_h hook_result[b, p, h, d_model] + b_O (then ln1_post where the block has one, as
+    TransformerLens's Gemma 2: hook_result is before the post norm)."""
     _require(adapter, "o_proj")
+    _refuse_post_norm_blocks(adapter, "use_attn_result")
     markers = _markers_by_name(gm)
     tracer = GraphAppendingTracer(gm.graph)
     for layer in range(cfg.n_layers):
@@ -47,6 +59,10 @@ def split_attn_result(gm: fx.GraphModule, adapter: Adapter, cfg: HookedTransform
             out = result.sum(dim=2)
             if b_o is not None:
                 out = out + b_o
+            if adapter.ln1_post is not None:
+                prefix = f"blocks.{layer}.ln1_post."
+                w, b, eps = params.norm(adapter.ln1_post, prefix)
+                out = hooked_norm(out, w, b, eps, adapter.norm_kind, prefix)
         out_node.args = (out.node, out_node.args[1])
     return finish(gm)
 
@@ -64,6 +80,7 @@ def split_qkv_input(gm: fx.GraphModule, adapter: Adapter, cfg: HookedTransformer
     attn_in (use_attn_in): one hook_attn_in shared by q, k and v.
     """
     _require(adapter, "q_proj", "k_proj", "v_proj")
+    _refuse_post_norm_blocks(adapter, "use_attn_in" if attn_in and not split else "use_split_qkv_input")
     if attn_in and not split and cfg.n_kv_heads != cfg.n_heads and not ungrouped:
         raise NotImplementedError("use_attn_in gives every query head its own input, which grouped-query "
                                   "attention cannot use for its shared keys/values; use "
