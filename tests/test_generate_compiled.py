@@ -63,7 +63,7 @@ def test_hooks_stay_live_under_compiled_decode(llama):
     vectors = [3.0 * torch.randn(model.cfg.d_model, generator=g) for _ in range(2)]
     plain = greedy(model, tokens, mask, 6)
     greedy(model, tokens, mask, 6, use_compiled_decode=True)  # the unhooked step is compiled first
-    results = []
+    results, graphs = [], compiled_graphs()
     for i, vector in enumerate(vectors):  # a hook added after compiling, then another function at the same point
         seen: list[int] = []
 
@@ -79,6 +79,7 @@ def test_hooks_stay_live_under_compiled_decode(llama):
         assert seen == [tokens.shape[1]] + [1] * 5  # the hook ran at prefill and at every compiled step
         assert compiled.tolist() == eager.tolist() != plain.tolist()
         results.append(compiled.tolist())
+    assert compiled_graphs() > graphs  # the steered steps ran compiled code (split where the hook runs)
     assert results[0] != results[1]  # each hook's own edit, not one baked into the compiled code
     # hooks removed: the unhooked compiled step again, no steering left behind
     with torch._dynamo.config.patch(error_on_recompile=True):
