@@ -113,7 +113,6 @@ class DecodeRoot(nn.Module):
                 past_keys: list[torch.Tensor], past_values: list[torch.Tensor]):
         global _ACTIVE
         n = self.n_layers
-        q_len = input_ids.shape[1]
         ctx = _DecodeContext(list(past_keys), list(past_values), attention_mask)
         previous, _ACTIVE = _ACTIVE, ctx
         try:
