@@ -5,6 +5,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
@@ -17,11 +18,27 @@ settings.load_profile(os.environ.get("FXHOOK_HYPOTHESIS_PROFILE", "ci"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+# --------------------------------------------------------------------------- the real model, loaded once
+# Loading and capturing SmolLM2 takes most of a minute: every test file shares these two.
+@pytest.fixture(scope="session")
+def smollm2_raw():
+    """SmolLM2-135M-Instruct (packaged, offline), weights as in HF (logits equal HF's)."""
+    from fxhook import HookedTransformer
+
+    return HookedTransformer.from_pretrained_no_processing("smollm2", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def smollm2_processed():
+    """The same model processed as TransformerLens does (what the examples load)."""
+    from fxhook import HookedTransformer
+
+    return HookedTransformer.from_pretrained("smollm2", device="cpu", dtype="float32")
+
+
 # --------------------------------------------------------------------------- support table
 # `@pytest.mark.support(family, feature)`: this test checks `feature` for `family` (tests/support.py).
 # With FXHOOK_SUPPORT_JSON=path the outcomes are written there for scripts/support_table.py.
-import pytest  # noqa: E402
-
 import support  # noqa: E402
 
 _records: list[support.Record] = []

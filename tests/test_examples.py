@@ -26,8 +26,8 @@ def example(name: str):
 
 
 @pytest.fixture(scope="module")
-def smollm2() -> HookedTransformer:
-    return example("direct_logit_attribution").load_model()  # what the examples load when run alone
+def smollm2(smollm2_processed) -> HookedTransformer:
+    return smollm2_processed  # what the examples' load_model() loads when run alone (tests/conftest.py)
 
 
 def test_direct_logit_attribution(smollm2, capsys):

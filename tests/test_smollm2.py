@@ -4,23 +4,18 @@ Loaded once for the module (about 20 s to dequantise the GGUF file, about 10 s t
 """
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
 
-from fxhook import HookedTransformer
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there was a",
            "1, 2, 3, 4, 5,", "The quick brown fox jumps over the lazy"]
 
 
 @pytest.fixture(scope="module")
-def model():
-    start = time.perf_counter()
-    m = HookedTransformer.from_pretrained_no_processing("smollm2", device="cpu", dtype="float32")
-    print(f"\nSmolLM2 loaded and captured in {time.perf_counter() - start:.1f} s")
-    return m
+def model(smollm2_raw):
+    return smollm2_raw  # tests/conftest.py: loaded once per session
 
 
 def test_config(model):
@@ -67,8 +62,8 @@ def test_cache_has_every_layer(model):
     assert cache["blocks.29.hook_resid_post"].shape == (1, 6, 576)
 
 
-def test_processed_by_default_with_unchanged_predictions(model):
-    processed = HookedTransformer.from_pretrained("smollm2", device="cpu", dtype="float32")
+def test_processed_by_default_with_unchanged_predictions(model, smollm2_processed):
+    processed = smollm2_processed
     assert processed.cfg.normalization_type == "RMSPre" and processed.cfg.layer_norm_folding
     with torch.no_grad():
         for prompt in PROMPTS:
