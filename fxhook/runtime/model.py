@@ -179,7 +179,10 @@ class HookedTransformer(LoadingMixin, TokenizerMixin, WeightViewsMixin, Generati
     def hook_dict(self) -> dict[str, HookPoint]:
         """Every hook point of the model under the current flags, by TransformerLens name."""
         gm = self.graph_module
-        return {name: gm.get_submodule(name) for name in hook_point_nodes(gm)}
+        points = gm.__dict__.get("_fxhook_hook_dict")
+        if points is None:  # once per graph: name lookups (run_with_cache, hooks by name) read it every call
+            points = gm.__dict__["_fxhook_hook_dict"] = {name: gm.get_submodule(name) for name in hook_point_nodes(gm)}
+        return dict(points)
 
     @property
     def mod_dict(self) -> dict[str, nn.Module]:
