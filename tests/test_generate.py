@@ -355,8 +355,8 @@ def test_flag_variants_generate_the_same(pair):
 
 # ------------------------------------------------------------------ a real model
 @pytest.fixture(scope="module")
-def smollm2():
-    return HookedTransformer.from_pretrained_no_processing("smollm2", device="cpu", dtype="float32")
+def smollm2(smollm2_raw):
+    return smollm2_raw  # loaded once per session (tests/conftest.py)
 
 
 def test_smollm2_batched_text_greedy_equals_hf_generate(smollm2):
