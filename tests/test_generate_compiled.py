@@ -2,8 +2,9 @@
 
 Compiling costs tens of seconds on a 2-core CPU, so this file compiles as little as it can: one
 model, the unhooked decode graph once, the steered one once, and checks everything else against
-those. Dynamo's recompile error (`error_on_recompile`) proves that later lengths, new hook
-functions at the same point and embeddings input reuse the compiled code.
+those. The unhooked step is compiled by inductor without dynamo (runtime/precompiled.py), counted
+by `precompiled.stats`; hooked steps go through torch.compile, and dynamo's recompile error
+(`error_on_recompile`) proves that new hook functions at the same point reuse the compiled code.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
+from fxhook.runtime import precompiled
 from test_generate import LLAMA, greedy, hf_greedy, padded_batch, sharpened
 
 
@@ -31,9 +33,12 @@ def test_compiled_decode_equals_eager_and_hf_without_recompiling(llama):
     tokens, mask = padded_batch(21)
     eager = greedy(model, tokens, mask, 8)
     assert eager.tolist() == hf_greedy(hf, tokens, mask, 8).tolist()
+    before = precompiled.stats["compiled"]
     assert greedy(model, tokens, mask, 8, use_compiled_decode=True).tolist() == eager.tolist()
+    # one compiled step for every token, straight from inductor: no dynamo graph at all without hooks
+    assert precompiled.stats["compiled"] == before + 1
     graphs = compiled_graphs()
-    assert graphs == 1  # one graph for every decode step, no graph break without hooks
+    assert graphs == 0
     # another prompt length and more new tokens: the same static shapes (the cache bucket), no recompile
     other, other_mask = padded_batch(22, lengths=(3, 9))
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -52,7 +57,28 @@ def test_compiled_decode_equals_eager_and_hf_without_recompiling(llama):
             assert greedy(model, tokens, mask, 8).tolist() == eager.tolist()
         finally:
             model.compile(False)
-    assert compiled_graphs() == graphs
+    assert compiled_graphs() == graphs and precompiled.stats["compiled"] == before + 1
+
+
+def test_compiled_decode_reads_weights_edited_in_place(llama):
+    """The compiled step reads the parameters' storage: an in-place edit (weight surgery, a
+    processing pass) changes compiled generation exactly as it changes eager generation."""
+    _, model = llama
+    tokens, mask = padded_batch(24)
+    weight = model.hf_model.model.layers[0].mlp.down_proj.weight
+    kept = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.mul_(-4.0)
+        runs = [model.generate(tokens, max_new_tokens=5, do_sample=False, stop_at_eos=False, verbose=False,
+                               attention_mask=mask, output_logits=True, use_compiled_decode=c) for c in (True, False)]
+        torch.testing.assert_close(torch.stack(runs[0].logits), torch.stack(runs[1].logits), atol=1e-4, rtol=0)
+    finally:
+        with torch.no_grad():
+            weight.copy_(kept)
+    unedited = model.generate(tokens, max_new_tokens=5, do_sample=False, stop_at_eos=False, verbose=False,
+                              attention_mask=mask, output_logits=True, use_compiled_decode=True)
+    assert not torch.allclose(torch.stack(unedited.logits), torch.stack(runs[0].logits), atol=1e-3)
 
 
 def test_hooks_stay_live_under_compiled_decode(llama):
@@ -82,5 +108,7 @@ def test_hooks_stay_live_under_compiled_decode(llama):
     assert compiled_graphs() > graphs  # the steered steps ran compiled code (split where the hook runs)
     assert results[0] != results[1]  # each hook's own edit, not one baked into the compiled code
     # hooks removed: the unhooked compiled step again, no steering left behind
+    before = precompiled.stats["compiled"]
     with torch._dynamo.config.patch(error_on_recompile=True):
         assert greedy(model, tokens, mask, 6, use_compiled_decode=True).tolist() == plain.tolist()
+    assert precompiled.stats["compiled"] == before

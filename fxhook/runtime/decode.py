@@ -12,7 +12,9 @@ set of points that have hooks, so a hook added after compiling selects a graph
 that has its point (compiled on first use) and a removed one the graph without
 it; hooks are never ignored. Under compilation a hooked point runs its hooks
 as plain Python between compiled regions (runtime/hook_point.py), so a new
-hook function at an already hooked point reuses the compiled code.
+hook function at an already hooked point reuses the compiled code. The graph
+with no hook point, the common case, skips dynamo altogether
+(runtime/precompiled.py).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import torch
 from torch import fx
 
 from fxhook.runtime.kv_cache import KVCache, StaticKVCache
+from fxhook.runtime.precompiled import PrecompiledStep
 
 
 def _guards_skipped(skip: bool):
@@ -43,6 +46,7 @@ def _guards_skipped(skip: bool):
 
 
 _COMPILED_DECODE = "_fxhook_compiled_decode"  # gm.__dict__ key: ((backend, mode), compiled callable)
+_PRECOMPILED = "_fxhook_precompiled_decode"  # gm.__dict__ key: PrecompiledStep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,18 +200,32 @@ class DecodeGraphsMixin:
         cache_position = cache.reserve(mask)
         kind = DecodeKind(static=True, embeds=embeds is not None)
         graph = self.decode_graph_for(spec, kind)
-        step: Callable = self._compiled(graph) if compiled else graph
         extra = () if embeds is None else (embeds,)
         args = (tokens, cache.positions(tokens.shape[1]), cache.attention_mask, *cache.keys, *cache.values, *extra,
                 cache_position)
         if not compiled:
-            return step(*args)
-        # skip the guards when this graph already ran on inputs of these very shapes and no hook can hand
-        # the graph a tensor of another dtype or layout
+            return graph(*args)
+        # the next token of the same generate call: this graph already ran on inputs of these very
+        # layouts, and with no hook attached nothing can hand the graph a tensor of another layout
         warm = cache.warm_graph is graph and not spec.live_hooks
         cache.warm_graph = graph
+        precompiled = self._precompiled(graph, spec)
+        if precompiled is not None:
+            return precompiled(*args, same_as_last=warm)
         with _guards_skipped(warm):
-            return step(*args)
+            return self._compiled(graph)(*args)
+
+    def _precompiled(self, graph: fx.GraphModule, spec) -> PrecompiledStep | None:
+        """The dynamo-free step (runtime/precompiled.py) where it applies: no hook point in the graph,
+        inference, and inductor with its default mode."""
+        options = getattr(self, "_compile_options", None)
+        if spec.live_hooks or torch.is_grad_enabled() or (
+                options is not None and (options.backend, options.mode) != ("inductor", None)):
+            return None
+        step = graph.__dict__.get(_PRECOMPILED)
+        if step is None:
+            step = graph.__dict__[_PRECOMPILED] = PrecompiledStep(graph)
+        return step
 
     def _compiled(self, graph: fx.GraphModule) -> Callable:
         """torch.compile of a static decode graph, made once per graph and options.
