@@ -42,7 +42,7 @@ MARK = {"pass": "yes", "fail": "FAIL", "skipped": "skipped"}
 def run_tests(json_path: str, pytest_args: list[str]) -> int:
     """Run every test carrying a support mark, recording outcomes to `json_path`."""
     env = {**os.environ, "FXHOOK_SUPPORT_JSON": json_path}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "support", "-p", "no:cacheprovider", *pytest_args]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-m", "support", "-p", "no:cacheprovider", *pytest_args]
     return subprocess.call(cmd, cwd=ROOT, env=env)
 
 

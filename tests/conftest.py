@@ -15,7 +15,23 @@ settings.register_profile("thorough", max_examples=60, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("FXHOOK_HYPOTHESIS_PROFILE", "ci"))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# at most two threads per process: the cores are shared by pytest-xdist's workers (-n) when it runs
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _workers)))
+
+_SMOLLM2_FIXTURES = {"smollm2_raw", "smollm2_processed"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`-n N --dist loadgroup`): a test file runs on one worker, so its module
+    fixtures are built once, and every file that uses the SmolLM2 fixtures runs on the same worker,
+    so the real model is loaded once."""
+    smollm2_files = {item.nodeid.split("::")[0] for item in items
+                     if _SMOLLM2_FIXTURES & set(getattr(item, "fixturenames", ()))}
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group("smollm2" if path in smollm2_files else path))
 
 
 # --------------------------------------------------------------------------- the real model, loaded once
@@ -85,5 +101,7 @@ def pytest_runtest_makereport(item, call):
 
 def pytest_sessionfinish(session):
     path = os.environ.get(support.ENV_VAR)
+    if path and os.environ.get("PYTEST_XDIST_WORKER"):
+        raise pytest.UsageError(f"{support.ENV_VAR} records outcomes in one process: run without -n")
     if path and _records:
         support.write(path, _records)
