@@ -10,6 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 from fxhook import HookedTransformer
 from models import NO_SHRINK, VOCAB, build_hf_model, model_specs
+from profiles import examples
 
 ATOL = 1e-4
 
@@ -35,7 +36,7 @@ def run(model, batch: int, length: int, seed: int):
     return tokens, logits, cache
 
 
-@settings(max_examples=5, phases=NO_SHRINK)
+@settings(max_examples=examples(5), phases=NO_SHRINK)
 @given(spec=model_specs(), processed=st.booleans(), batch=st.integers(1, 2), length=st.integers(2, 8))
 def test_decompositions_add_up(spec, processed, batch, length):
     model = load(spec, processed)
@@ -91,7 +92,7 @@ def test_decompositions_add_up(spec, processed, batch, length):
     assert close(lens, logits, atol=1e-3)
 
 
-@settings(max_examples=4, phases=NO_SHRINK)
+@settings(max_examples=examples(4), phases=NO_SHRINK)
 @given(spec=model_specs(families=("gpt2", "llama")), length=st.integers(2, 8))
 def test_logit_attributions_sum_to_the_logit_difference(spec, length):
     """Processed (fold_ln): the direct logit attributions of a full decomposition, through the

@@ -11,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 from fxhook import HookedTransformer
 from models import NO_SHRINK, ModelSpec, build_hf_model, model_specs
 from tl_reference import tl_model
+from profiles import examples
 
 
 def _comparable(spec: ModelSpec) -> ModelSpec:
@@ -56,7 +57,7 @@ def _calls(d_model: int, n_layers: int):
     ]
 
 
-@settings(max_examples=4, phases=NO_SHRINK)
+@settings(max_examples=examples(4), phases=NO_SHRINK)
 @given(spec=model_specs(families=("gpt2", "llama")), processed=st.sampled_from([True, True, False]),
        length=st.integers(4, 8))
 def test_analysis_matches_transformer_lens(spec, processed, length):

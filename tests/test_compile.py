@@ -17,6 +17,7 @@ from fxhook.compiler import GraphSpec
 from fxhook.passes.graph_utils import hook_point_nodes
 from fxhook.runtime.hook_point import HookPoint
 from models import NO_SHRINK, ModelSpec, build_hf_model, model_specs, token_batches
+from profiles import examples
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 
@@ -68,7 +69,7 @@ def test_inductor_matches_eager():
 
 
 @pytest.mark.support("*", "compile")
-@settings(max_examples=3, phases=NO_SHRINK)
+@settings(max_examples=examples(3), phases=NO_SHRINK)
 @given(spec=model_specs(), batch=token_batches(max_len=8), data=st.data())
 def test_compiled_forward_and_cache_match_eager(spec, batch, data):
     tokens, mask = batch

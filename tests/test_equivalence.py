@@ -20,6 +20,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from fxhook import HookedTransformer
 from fxhook.utils import get_act_name
 from models import NO_SHRINK, ModelSpec, build_hf_model, model_specs, positions_for, token_batches
+from profiles import examples
 
 
 ATOL = 1e-5
@@ -277,7 +278,7 @@ def test_zeroing_a_head_matches_the_same_edit_inside_hf(spec, batch, data):
 
 
 # ------------------------------------------------------- layer slicing and return types
-@settings(max_examples=4, phases=NO_SHRINK)
+@settings(max_examples=examples(4), phases=NO_SHRINK)
 @given(spec=model_specs(), batch=token_batches(), data=st.data())
 def test_stop_and_start_at_layer(spec, batch, data):
     tokens, mask = batch

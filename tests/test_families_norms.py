@@ -23,10 +23,11 @@ from family_models import POST_NORM, QK_NORM, FamilySpec, build_family_model, fa
 from fxhook import HookedTransformer
 from models import NO_SHRINK, VOCAB, positions_for, token_batches
 from tl_reference_norms import tl_model
+from profiles import examples
 
 ATOL = 1e-5
 # one example per family under the "ci" profile (each costs a capture), ten under "thorough"
-EXAMPLES = max(1, settings().max_examples // 6)
+EXAMPLES = examples(1)
 FAMILIES = ("gemma", "gemma2", "qwen3", "olmo2", "mixtral", "mistral", "qwen2")
 TL_FAMILIES = ("gemma", "gemma2", "qwen3", "olmo2", "mixtral")  # TransformerLens 3.9 has these
 # Mistral's generation past its window: tests/test_generate.py; Qwen2 here for its always-on q/k/v biases

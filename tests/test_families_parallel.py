@@ -22,11 +22,12 @@ from families import PARTS, hf_block, hf_qkv, hf_rotate, is_parallel
 from fxhook import HookedTransformer
 from models import NO_SHRINK, VOCAB, ModelSpec, build_hf_model, model_specs, positions_for, token_batches
 from tl_reference_families import tl_model
+from profiles import examples
 
 FAMILIES = ("gpt_neox", "gptj", "opt", "phi")
 ATOL = 1e-5
 # examples per family and property: 1 in the "ci" profile (6 examples), 10 in "thorough" (60)
-EXAMPLES = max(1, settings.default.max_examples // 6)
+EXAMPLES = examples(1)
 PROCESSING = dict(fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True)
 
 

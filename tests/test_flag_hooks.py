@@ -9,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from fxhook import HookedTransformer
 from models import ModelSpec, build_hf_model, model_specs
+from profiles import examples
 
 FLAGS = ("use_attn_result", "use_split_qkv_input", "use_attn_in", "use_hook_mlp_in",
          "ungroup_grouped_query_attention")
@@ -27,7 +28,7 @@ def _set(model, **flags) -> None:
         setattr(model.cfg, name, flags.get(name, False))
 
 
-@settings(max_examples=4)
+@settings(max_examples=examples(4))
 @given(spec=model_specs(), flags=st.sets(st.sampled_from(FLAGS), min_size=1))
 def test_flags_keep_the_logits(spec, flags):
     model = _model(spec)
@@ -44,7 +45,7 @@ def test_flags_keep_the_logits(spec, flags):
         assert torch.allclose(model(tokens), reference, atol=1e-5)
 
 
-@settings(max_examples=3)
+@settings(max_examples=examples(3))
 @given(spec=model_specs())
 def test_attn_result_sums_to_attn_out_and_edits_one_head(spec):
     model = _model(spec)
@@ -68,7 +69,7 @@ def test_attn_result_sums_to_attn_out_and_edits_one_head(spec):
     assert torch.allclose(via_result, via_z, atol=1e-5)
 
 
-@settings(max_examples=3)
+@settings(max_examples=examples(3))
 @given(spec=model_specs())
 def test_split_qkv_input_gives_each_head_its_own_input(spec):
     model = _model(spec)
@@ -95,7 +96,7 @@ def test_split_qkv_input_gives_each_head_its_own_input(spec):
     assert torch.equal(edited["q", 0], cache["q", 0])
 
 
-@settings(max_examples=3)
+@settings(max_examples=examples(3))
 @given(spec=model_specs(families=("llama", "mistral", "qwen2")))
 def test_ungrouped_keys_repeat_the_grouped_ones(spec):
     model = _model(spec)

@@ -16,6 +16,7 @@ from fxhook.runtime.generate import (apply_freq_penalty, apply_temperature, samp
                                      top_p_filter)
 from fxhook.runtime.kv_cache import KVCache
 from models import NO_SHRINK, VOCAB, ModelSpec, build_hf_model, model_specs
+from profiles import examples
 
 LOGIT_SCALE = 10.0
 EMBED_SCALE = 30.0
@@ -68,7 +69,7 @@ def pair(request):
 
 # ------------------------------------------------------------------ equal to HF generate
 @pytest.mark.support("*", "generate")
-@settings(max_examples=3, phases=NO_SHRINK)
+@settings(max_examples=examples(3), phases=NO_SHRINK)
 @given(spec=model_specs(), seed=st.integers(0, 2**16))
 def test_greedy_equals_hf_generate_with_and_without_cache(spec, seed):
     hf, model = sharpened(spec)

@@ -18,6 +18,7 @@ from torch.testing import assert_close
 from fxhook import HookedTransformer
 from fxhook.runtime.hook_point import HookShapeError
 from models import NO_SHRINK, ModelSpec, build_hf_model, model_specs, positions_for, token_batches
+from profiles import examples
 
 
 GRAD_TOL = dict(atol=1e-6, rtol=1e-4)
@@ -54,7 +55,7 @@ def autograd_reference(model, tokens, mask, names):
     return loss, dict(zip(names, grads))
 
 
-@settings(max_examples=5, phases=NO_SHRINK)
+@settings(max_examples=examples(5), phases=NO_SHRINK)
 @given(spec=model_specs(), batch=token_batches())
 def test_incl_bwd_caches_gradients_of_every_hook(spec, batch):
     tokens, mask = batch
@@ -95,7 +96,7 @@ def test_incl_bwd_caches_gradients_of_every_hook(spec, batch):
     hf.zero_grad(set_to_none=True)
 
 
-@settings(max_examples=4, phases=NO_SHRINK)
+@settings(max_examples=examples(4), phases=NO_SHRINK)
 @given(spec=model_specs(), batch=token_batches(), data=st.data())
 def test_backward_hooks_fire_during_backward_inside_the_block(spec, batch, data):
     tokens, mask = batch
@@ -127,7 +128,7 @@ def _v_weight_grad(hf, spec: ModelSpec, layer: int) -> torch.Tensor:
     return hf.model.layers[layer].self_attn.v_proj.weight.grad
 
 
-@settings(max_examples=4, phases=NO_SHRINK)
+@settings(max_examples=examples(4), phases=NO_SHRINK)
 @given(spec=model_specs(), batch=token_batches(), data=st.data())
 def test_backward_hook_return_value_replaces_the_gradient(spec, batch, data):
     tokens, mask = batch

@@ -22,6 +22,7 @@ from fxhook import ActivationCache, HookedTransformer
 from fxhook.runtime.hook_point import HookPoint, HookShapeError
 from fxhook.utils import get_act_name
 from models import NO_SHRINK, ModelSpec, build_hf_model, model_specs, token_batches
+from profiles import examples
 
 
 ATOL = 1e-5
@@ -300,7 +301,7 @@ def test_run_with_hooks_warns_about_backward_hooks():
 
 
 # ---------------------------------------------------------------- editing resid_mid
-@settings(max_examples=4, phases=NO_SHRINK)
+@settings(max_examples=examples(4), phases=NO_SHRINK)
 @given(spec=model_specs(), batch=token_batches(), data=st.data())
 def test_editing_resid_mid_reaches_the_mlp_and_the_residual_add(spec, batch, data):
     """An edit to hook_resid_mid is an edit of the residual stream itself (TransformerLens semantics);

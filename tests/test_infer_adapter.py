@@ -26,6 +26,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from fxhook import HookedTransformer
 from fxhook.infer_adapter import CannotInferAdapter, InferredAdapterWarning
 from models import NO_SHRINK, positions_for, token_batches
+from profiles import examples
 
 VOCAB = 97
 
@@ -221,7 +222,7 @@ def own_logits(hf, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 @pytest.mark.support("inferred", "exact")
 @pytest.mark.support("inferred", "hooks")
 @pytest.mark.parametrize("style", ["llama", "gptj"])
-@settings(max_examples=2, phases=NO_SHRINK)
+@settings(max_examples=examples(2), phases=NO_SHRINK)
 @given(batch=token_batches(), seed=st.sampled_from([0, 1]))
 def test_inferred_adapter_equals_the_models_own_forward(style, batch, seed):
     tokens, mask = batch

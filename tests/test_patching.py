@@ -13,6 +13,7 @@ from fxhook import HookedTransformer
 from fxhook.analysis import patching
 from models import NO_SHRINK, VOCAB, ModelSpec, build_hf_model, model_specs
 from tl_reference import tl_model
+from profiles import examples
 
 
 def prompts(length: int, seed: int, n_changed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,7 +29,7 @@ def metric_for(answer: int, wrong: int):
     return lambda logits: logits[0, -1, answer] - logits[0, -1, wrong]
 
 
-@settings(max_examples=3, phases=NO_SHRINK)
+@settings(max_examples=examples(3), phases=NO_SHRINK)
 @given(spec=model_specs(), length=st.integers(3, 6), data=st.data())
 def test_patching_properties(spec, length, data):
     model = HookedTransformer.from_pretrained_no_processing(hf_model=build_hf_model(spec))

@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 from fxhook import HookedTransformer
 from models import build_hf_model, model_specs, positions_for, token_batches
+from profiles import examples
 
 FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
 
@@ -25,7 +26,7 @@ def _processed(hf, **flags):
 
 
 @pytest.mark.support("*", "processing")
-@settings(max_examples=5)
+@settings(max_examples=examples(5))
 @given(spec=model_specs(), batch=token_batches(), chosen=st.sampled_from(
     [(f,) for f in FLAGS] + [FLAGS, ("fold_ln", "center_writing_weights", "fold_value_biases")]))
 def test_processing_keeps_log_probs(spec, batch, chosen):
@@ -41,7 +42,7 @@ def test_processing_keeps_log_probs(spec, batch, chosen):
         assert torch.allclose(out[keep], ref[keep], atol=1e-4)
 
 
-@settings(max_examples=4)
+@settings(max_examples=examples(4))
 @given(spec=model_specs(families=("gpt2",)))
 def test_folded_layer_norm_hooks_see_the_pure_normalised_input(spec):
     model = _processed(build_hf_model(spec), fold_ln=True)
@@ -60,7 +61,7 @@ def test_folded_layer_norm_hooks_see_the_pure_normalised_input(spec):
 
 
 @pytest.mark.support("*", "processing")
-@settings(max_examples=4)
+@settings(max_examples=examples(4))
 @given(spec=model_specs())
 def test_canonical_forms(spec):
     hf = build_hf_model(spec)
@@ -80,7 +81,7 @@ def test_canonical_forms(spec):
     assert not torch.equal(hf.get_submodule(model.adapter.unembed).weight.t(), w["unembed.W_U"])
 
 
-@settings(max_examples=3)
+@settings(max_examples=examples(3))
 @given(spec=model_specs())
 def test_processing_twice_is_harmless(spec):
     hf = build_hf_model(spec)
@@ -106,7 +107,7 @@ def test_center_writing_weights_does_not_apply_to_rms_models():
     assert all(torch.equal(v, before[k]) for k, v in model.live_weights().items())
 
 
-@settings(max_examples=3)
+@settings(max_examples=examples(3))
 @given(spec=model_specs(families=("gpt2",)), batch=token_batches())
 def test_refactored_attention_keeps_log_probs_and_makes_w_o_an_isometry(spec, batch):
     tokens, mask = batch

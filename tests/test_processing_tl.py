@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 from fxhook import HookedTransformer
 from models import ModelSpec, build_hf_model, model_specs
 from tl_reference import tl_model
+from profiles import examples
 
 FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
 WEIGHTS = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O", "W_in", "W_out", "b_in", "b_out",
@@ -34,7 +35,7 @@ def _tl_comparable(spec: ModelSpec) -> ModelSpec:
 
 
 @pytest.mark.support("*", "processing")
-@settings(max_examples=5)
+@settings(max_examples=examples(5))
 @given(spec=model_specs(families=("gpt2", "llama")),
        flags=st.sampled_from([dict.fromkeys(FLAGS, True), {"fold_ln": True}, {"fold_value_biases": True},
                               {"fold_ln": True, "center_writing_weights": True}]))
@@ -69,7 +70,7 @@ def test_processed_model_matches_transformer_lens(spec, flags):
         assert torch.allclose(my_cache[name], their_cache[name], atol=1e-4), name
 
 
-@settings(max_examples=3)
+@settings(max_examples=examples(3))
 @given(spec=model_specs(families=("gpt2", "llama")))
 def test_load_and_process_state_dict_takes_transformer_lens_weights(spec):
     """Weights from a TransformerLens model load into a differently initialised fxhook model."""

@@ -19,6 +19,7 @@ from torch.testing import assert_close
 from fxhook import HookedTransformer
 from models import NO_SHRINK, ModelSpec, build_hf_model, model_specs, token_batches
 from tl_reference import tl_model
+from profiles import examples
 
 
 TOL = dict(atol=1e-4, rtol=1e-4)
@@ -64,7 +65,7 @@ def mismatches(our_cache, tl_cache, mask, names) -> dict[str, str]:
     return bad
 
 
-@settings(max_examples=6, phases=NO_SHRINK)
+@settings(max_examples=examples(6), phases=NO_SHRINK)
 @given(spec=model_specs(), batch=token_batches())
 def test_every_shared_hook_matches_transformer_lens(spec, batch):
     tokens, mask = batch

@@ -7,13 +7,14 @@ from hypothesis import given, settings
 
 from fxhook import HookedTransformer
 from models import ModelSpec, build_hf_model, model_specs
+from profiles import examples
 
 
 def _model(spec):
     return HookedTransformer.from_pretrained_no_processing(hf_model=build_hf_model(spec))
 
 
-@settings(max_examples=5)
+@settings(max_examples=examples(5))
 @given(spec=model_specs())
 def test_shapes_follow_transformer_lens(spec):
     m = _model(spec)
@@ -35,7 +36,7 @@ def test_shapes_follow_transformer_lens(spec):
     assert len(m.all_head_labels()) == L * H and m.all_head_labels()[0] == "L0H0"
 
 
-@settings(max_examples=4)
+@settings(max_examples=examples(4))
 @given(spec=model_specs())
 def test_views_compute_what_the_model_computes(spec):
     """q from W_Q/b_Q on the hooked ln1 output equals hook_q; z @ W_O + b_O equals attn_out;
