@@ -85,18 +85,28 @@ def tl_state_dict(hf, cfg) -> dict:
     else:
         sd = convert_llama_weights(hf, cfg)
         _llama_biases(hf, cfg, sd)
-    # the converters return views of the HF parameters: never let TL's processing write through them
-    return {k: v.detach().clone() for k, v in sd.items()}
+    return detached_copy(sd)
+
+
+def build_tl_model(cfg, state_dict: dict, **processing):
+    """A TransformerLens HookedTransformer from its config and TL-layout weights (no processing unless
+    flags are given). Shared by every family's reference builder."""
+    from transformer_lens import HookedTransformer as TLHookedTransformer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = TLHookedTransformer(cfg)
+        model.load_and_process_state_dict(state_dict, **{**NO_PROCESSING, **processing})
+    return model.eval()
+
+
+def detached_copy(state_dict: dict) -> dict:
+    """TransformerLens's converters return views of the HF parameters: never let its processing write
+    through them."""
+    return {k: v.detach().clone() for k, v in state_dict.items()}
 
 
 def tl_model(hf, **processing):
     """TransformerLens HookedTransformer with `hf`'s weights (no processing unless flags are given)."""
-    from transformer_lens import HookedTransformer as TLHookedTransformer
-
-    flags = {**NO_PROCESSING, **processing}
     cfg = tl_config(hf)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = TLHookedTransformer(cfg)
-        model.load_and_process_state_dict(tl_state_dict(hf, cfg), **flags)
-    return model.eval()
+    return build_tl_model(cfg, tl_state_dict(hf, cfg), **processing)

@@ -6,9 +6,7 @@ and the weights go through its converters, cloned (they return views of the HF p
 """
 from __future__ import annotations
 
-import warnings
-
-from tl_reference import NO_PROCESSING
+from tl_reference import build_tl_model, detached_copy
 
 
 def _rotary_dim(hf) -> int:
@@ -55,16 +53,10 @@ def tl_state_dict(hf, cfg) -> dict:
 
     convert = {"GPTNeoXForCausalLM": convert_neox_weights, "GPTJForCausalLM": convert_gptj_weights,
                "OPTForCausalLM": convert_opt_weights, "PhiForCausalLM": convert_phi_weights}[type(hf).__name__]
-    return {k: v.detach().clone() for k, v in convert(hf, cfg).items()}
+    return detached_copy(convert(hf, cfg))
 
 
 def tl_model(hf, **processing):
     """TransformerLens HookedTransformer with `hf`'s weights (no processing unless flags are given)."""
-    from transformer_lens import HookedTransformer as TLHookedTransformer
-
     cfg = tl_config(hf)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = TLHookedTransformer(cfg)
-        model.load_and_process_state_dict(tl_state_dict(hf, cfg), **{**NO_PROCESSING, **processing})
-    return model.eval()
+    return build_tl_model(cfg, tl_state_dict(hf, cfg), **processing)

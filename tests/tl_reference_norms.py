@@ -6,9 +6,7 @@ converters, cloned. Its converters drop attention biases, so compare bias-free m
 """
 from __future__ import annotations
 
-import warnings
-
-from tl_reference import NO_PROCESSING, _rope_theta
+from tl_reference import _rope_theta, build_tl_model, detached_copy
 
 
 def tl_config(hf):
@@ -47,16 +45,10 @@ def tl_state_dict(hf, cfg) -> dict:
     convert = {"GemmaForCausalLM": convert_gemma_weights, "Gemma2ForCausalLM": convert_gemma_weights,
                "Qwen3ForCausalLM": convert_qwen3_weights, "Olmo2ForCausalLM": convert_olmo2_weights,
                "MixtralForCausalLM": convert_mixtral_weights}[type(hf).__name__]
-    return {k: v.detach().clone() for k, v in convert(hf, cfg).items()}
+    return detached_copy(convert(hf, cfg))
 
 
 def tl_model(hf, **processing):
     """TransformerLens HookedTransformer with `hf`'s weights (no processing unless flags are given)."""
-    from transformer_lens import HookedTransformer as TLHookedTransformer
-
     cfg = tl_config(hf)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = TLHookedTransformer(cfg)
-        model.load_and_process_state_dict(tl_state_dict(hf, cfg), **{**NO_PROCESSING, **processing})
-    return model.eval()
+    return build_tl_model(cfg, tl_state_dict(hf, cfg), **processing)
