@@ -100,6 +100,8 @@ def _eager(model):
         yield
     finally:
         model.compile(True, backend=options.backend, mode=options.mode, dynamic=options.dynamic)
+
+
 def _axis_sizes(model, activation_name: str, n_pos: int) -> dict[str, int]:
     heads = model.cfg.n_kv_heads if activation_name in ("k", "v") else model.cfg.n_heads
     return {"layer": model.cfg.n_layers, "pos": n_pos, "src_pos": n_pos, "dest_pos": n_pos,
