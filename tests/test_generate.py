@@ -12,9 +12,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from fxhook import HookedTransformer
-from fxhook.runtime.generate import (apply_freq_penalty, apply_temperature, sample_logits, top_k_filter,
-                                     top_p_filter)
 from fxhook.runtime.kv_cache import KVCache
+from fxhook.runtime.sampling import (apply_freq_penalty, apply_temperature, sample_logits, top_k_filter,
+                                     top_p_filter)
 from models import NO_SHRINK, VOCAB, ModelSpec, build_hf_model, model_specs
 from profiles import examples
 

@@ -25,8 +25,7 @@ import tqdm
 
 from fxhook.runtime.decode import DecodeGraphsMixin
 from fxhook.runtime.kv_cache import StaticKVCache
-from fxhook.runtime.sampling import (apply_freq_penalty, apply_temperature, sample_logits,  # noqa: F401
-                                     top_k_filter, top_p_filter)  # re-exported: the sampling helpers' old home
+from fxhook.runtime.sampling import sample_logits
 
 _RETURN_TYPES = ("input", "str", "tokens", "embeds")
 _GENERATION_KWARGS = ("output_logits", "return_dict_in_generate")
@@ -154,11 +153,8 @@ class GenerationMixin(DecodeGraphsMixin):
                     state["embeds"] = torch.cat([state["embeds"], self._embed_tokens(new[:, None])], dim=1)
             if state["tokens"] is not None:
                 self._check_context_length(state["tokens"])
-                graph = self.graph_for(self._current_spec())
-                run_graph = getattr(self, "run_graph", None)  # compiled when the model is (model.compile())
-                out = run_graph(graph, state["tokens"], state["mask"]) if run_graph else graph(state["tokens"],
-                                                                                                state["mask"])
-                return out[:, -1]
+                graph = self.graph_for(self._current_spec())  # run compiled when the model is (model.compile())
+                return self.run_graph(graph, state["tokens"], state["mask"])[:, -1]
             ids = self._shape_ids(_Prompt(None, state["embeds"], state["mask"], "embeds"))
             return self._run_growing(self.init_kv_cache(b), ids, state["mask"], state["embeds"])[:, -1]
         return run

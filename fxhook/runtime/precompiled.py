@@ -5,9 +5,9 @@ parameter and input, the AOT runtime wrapper): about a millisecond a token on Sm
 step's matrix products take 36 ms. A static decode graph with no hook point left in it is already
 an aten-level fx graph, and its inputs keep their layouts for a whole generate call. So it is
 handed to inductor directly (`torch._inductor.standalone_compile`), once per input layout, and the
-guards become one check per generate call: the inputs' layouts, the grad mode and the identity of
-every parameter's storage. A parameter edited in place is seen (the code reads the same storage);
-a parameter replaced by another tensor selects new code.
+guards become one check per generate call: the inputs' layouts and every parameter's storage. A
+parameter edited in place is seen (the code reads the same storage); one given new storage
+(`p.data = ...`) selects new code. The caller uses this only for inference (no grad).
 
 Graphs with hooked points keep torch.compile (runtime/decode.py), which splits them where hooks run.
 """
@@ -23,22 +23,20 @@ from torch import fx
 
 stats: collections.Counter = collections.Counter()  # "compiled": how many layouts were compiled
 
-_Key = tuple
-
 
 class PrecompiledStep:
     """A static decode graph compiled by inductor, one artifact per input layout and parameter set."""
 
     def __init__(self, graph: fx.GraphModule):
         self.graph = graph
-        self._artifacts: dict[_Key, Any] = {}
+        self._artifacts: dict[tuple, Any] = {}
         self._last: Any = None
 
-    def _key(self, args: tuple[torch.Tensor, ...]) -> _Key:
+    def _key(self, args: tuple[torch.Tensor, ...]) -> tuple:
         layouts = tuple((a.shape, a.stride(), a.dtype, a.device) for a in args)
         storages = tuple(t.data_ptr() for t in self.graph.parameters()) + tuple(
             t.data_ptr() for t in self.graph.buffers())
-        return layouts, storages, torch.is_grad_enabled()
+        return layouts, storages
 
     def _graph_for_inductor(self) -> fx.GraphModule:
         """A graph of its own (the same parameter objects) that inductor may consume."""
