@@ -279,3 +279,20 @@ def test_get_token_position(model, kind):
         model.get_token_position(word, text, mode="middle")
     with pytest.raises(ValueError, match=r"\[1, pos\]"):
         model.get_token_position(token_id, tokens.repeat(2, 1))
+
+
+# ------------------------------------------------------------------ generation with a tokenizer
+def test_generation_with_a_tokenizer_is_the_same_with_and_without_the_cache(model, kind):
+    """Text prompts, left-padded as a batch: the KV cache changes nothing, for learned absolute positions
+    (GPT-2) as for rotary ones. (TransformerLens 3.9 counts absolute positions differently with and
+    without a tokenizer; fxhook takes positions from the attention mask either way.)"""
+    prompts = prompts_for(kind)
+    runs = [model.generate(prompts, max_new_tokens=5, do_sample=False, stop_at_eos=False, verbose=False,
+                           padding_side="left", output_logits=True, return_type="tokens", use_past_kv_cache=c)
+            for c in (True, False)]
+    assert runs[0].sequences.tolist() == runs[1].sequences.tolist()
+    torch.testing.assert_close(torch.stack(runs[0].logits), torch.stack(runs[1].logits), atol=1e-4, rtol=0)
+    for row, prompt in enumerate(prompts):  # each row as the prompt alone
+        alone = model.generate(prompt, max_new_tokens=5, do_sample=False, stop_at_eos=False, verbose=False,
+                               return_type="tokens")
+        assert alone[0, -5:].tolist() == runs[0].sequences[row, -5:].tolist()
