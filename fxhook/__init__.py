@@ -2,7 +2,7 @@
 from fxhook import utils
 from fxhook.config import HookedTransformerConfig
 from fxhook.runtime.cache import ActivationCache
-from fxhook.runtime.hook_point import HookPoint
+from fxhook.core.hook_point import HookPoint
 from fxhook.runtime.model import HookedTransformer
 
 __all__ = ["HookedTransformer", "HookedTransformerConfig", "ActivationCache", "HookPoint", "utils"]

@@ -9,7 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
+from torch import nn
+
 from fxhook.weights import Projection
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    """The module at adapter path `path` under `root`, or a clear error naming the path."""
+    try:
+        return root.get_submodule(path)
+    except AttributeError as e:
+        raise ValueError(f"adapter path {path!r} not found in {type(root).__name__}: {e}") from None
 
 NormKind = Literal["layernorm", "rmsnorm", "rmsnorm_plus_one"]
 PositionalKind = Literal["absolute", "rotary"]

@@ -15,12 +15,12 @@ from torch import fx, nn
 from fxhook.adapter import Adapter
 from fxhook.capture.export import capture
 from fxhook.config import HookedTransformerConfig
-from fxhook.passes.graph_utils import copy_graph_module, plain_codegen
+from fxhook.core.graph import copy_graph_module, plain_codegen
 from fxhook.passes.insert_hook_points import insert_hook_points, prune_hook_points
 from fxhook.passes.expose_activations import expose_activations
 from fxhook.passes.lower_attention import attention_modes, lower_attention
 from fxhook.passes.slice_layers import slice_layers
-from fxhook.runtime.hook_point import HookPoint
+from fxhook.core.hook_point import HookPoint
 
 
 @dataclass(frozen=True)

@@ -3,55 +3,7 @@ from __future__ import annotations
 
 import torch
 
-_FULL_NAMES = {
-    "embed": "hook_embed", "pos_embed": "hook_pos_embed",
-    "resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid", "resid_post": "hook_resid_post",
-    "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out", "mlp_in": "hook_mlp_in",
-    "attn_in": "hook_attn_in", "q_input": "hook_q_input", "k_input": "hook_k_input",
-    "v_input": "hook_v_input",
-    "q": "attn.hook_q", "k": "attn.hook_k", "v": "attn.hook_v", "z": "attn.hook_z",
-    "rot_q": "attn.hook_rot_q", "rot_k": "attn.hook_rot_k", "result": "attn.hook_result",
-    "attn_scores": "attn.hook_attn_scores", "scores": "attn.hook_attn_scores",
-    "pattern": "attn.hook_pattern", "attn": "attn.hook_pattern",
-    "pre": "mlp.hook_pre", "pre_linear": "mlp.hook_pre_linear", "post": "mlp.hook_post",
-    "scale": "hook_scale", "normalized": "hook_normalized",
-    # TransformerLens's aliases
-    "attn_logits": "attn.hook_attn_scores", "key": "attn.hook_k", "query": "attn.hook_q",
-    "value": "attn.hook_v", "mlp_pre": "mlp.hook_pre", "mlp_post": "mlp.hook_post",
-}
-_TOP_LEVEL = {"embed", "pos_embed"}
-
-
-def get_act_name(name: str, layer: int | None = None, layer_type: str | None = None) -> str:
-    """Expand a short activation name to its full hook name, as TransformerLens does.
-
-    get_act_name("pattern", 3) == "blocks.3.attn.hook_pattern";
-    get_act_name("scale", 2, "ln1") == "blocks.2.ln1.hook_scale";
-    get_act_name("scale") == "ln_final.hook_scale". Full names pass through.
-    """
-    if "." in name or name.startswith("hook_"):
-        return name
-    if layer is None and name not in _TOP_LEVEL and name not in ("scale", "normalized"):
-        import re
-
-        match = re.match(r"([a-z_]+?)(\d+)([a-z]+\d?)?$", name)  # "pattern3", "resid_pre0", "scale4ln1"
-        if match:
-            name, layer, layer_type = match.group(1), int(match.group(2)), match.group(3) or layer_type
-    if name not in _FULL_NAMES:
-        raise KeyError(f"unknown activation short name {name!r}; known: {sorted(_FULL_NAMES)}")
-    full = _FULL_NAMES[name]
-    if name in _TOP_LEVEL:
-        return full
-    if name in ("scale", "normalized"):
-        if layer is None:
-            return f"ln_final.{full}"
-        layer_type = {"a": "ln1", "m": "ln2", "attn": "ln1", "mlp": "ln2"}.get(layer_type, layer_type)
-        if layer_type not in ("ln1", "ln2"):
-            raise ValueError(f"get_act_name({name!r}, {layer}) needs layer_type 'ln1' or 'ln2'")
-        return f"blocks.{layer}.{layer_type}.{full}"
-    if layer is None:
-        raise ValueError(f"get_act_name({name!r}) needs a layer index")
-    return f"blocks.{layer}.{full}"
+from fxhook.core.hook_names import get_act_name  # noqa: F401 (TransformerLens's utils.get_act_name)
 
 
 def lm_cross_entropy_loss(

@@ -14,8 +14,8 @@ from torch.testing import assert_close
 
 from fxhook import HookedTransformer
 from fxhook.compiler import GraphSpec
-from fxhook.passes.graph_utils import hook_point_nodes
-from fxhook.runtime.hook_point import HookPoint
+from fxhook.core.graph import hook_point_nodes
+from fxhook.core.hook_point import HookPoint
 from models import NO_SHRINK, ModelSpec, build_hf_model, model_specs, token_batches
 from profiles import examples
 

@@ -379,7 +379,7 @@ def test_smollm2_batched_text_greedy_equals_hf_generate(smollm2):
 
 def test_decode_graph_has_the_full_graphs_hook_points(pair):
     from fxhook.compiler import GraphSpec
-    from fxhook.passes.graph_utils import hook_point_nodes
+    from fxhook.core.graph import hook_point_nodes
 
     _, model = pair
     decode = model.decode_graph_for(GraphSpec.from_cfg(model.cfg))
@@ -407,7 +407,7 @@ def test_stream_yields_nothing_without_new_tokens(pair):
 
 
 def test_decode_graph_self_check_refuses_a_wrong_decode(pair):
-    from fxhook.capture.kv import verify_decode
+    from fxhook.pipeline.verify import verify_decode
     from fxhook.compiler import GraphSpec
     from fxhook.runtime.decode import DecodeKind
 
@@ -462,7 +462,7 @@ def test_static_cache_graph_equals_growing_cache_under_flags_and_pattern_hooks(p
 
 
 def test_decode_graph_simplification_keeps_values_and_drops_nodes(pair):
-    from fxhook.capture.kv import positions_from_mask
+    from fxhook.core.kv_ops import positions_from_mask
     from fxhook.compiler import build_variant, capture_decode_graph
     from fxhook.passes.kv_cache import lower_growing_cache
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch.testing import assert_close
 
 from fxhook import HookedTransformer
-from fxhook.runtime.hook_point import HookShapeError
+from fxhook.core.hook_point import HookShapeError
 from models import NO_SHRINK, ModelSpec, build_hf_model, model_specs, positions_for, token_batches
 from profiles import examples
 

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from torch.testing import assert_close
 
 from fxhook import ActivationCache, HookedTransformer
-from fxhook.runtime.hook_point import HookPoint, HookShapeError
+from fxhook.core.hook_point import HookPoint, HookShapeError
 from fxhook.utils import get_act_name
 from models import NO_SHRINK, ModelSpec, build_hf_model, model_specs, token_batches
 from profiles import examples

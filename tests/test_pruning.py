@@ -5,7 +5,7 @@ import torch
 
 from fxhook import HookedTransformer
 from fxhook.compiler import GraphSpec
-from fxhook.passes.graph_utils import hook_point_nodes
+from fxhook.core.graph import hook_point_nodes
 from models import ModelSpec, build_hf_model
 
 

@@ -7,6 +7,7 @@ import torch
 
 from fxhook.analysis.resid import _n_layers_if_default
 from fxhook.analysis.slicing import SliceInput, as_slice
+from fxhook.core.hook_names import block_hook
 
 
 class HeadsMixin:
@@ -19,7 +20,7 @@ class HeadsMixin:
         the sum of these over heads plus b_O.
         """
         n = self.model.cfg.n_layers
-        if all(f"blocks.{l}.attn.hook_result" in self.cache_dict for l in range(n)):
+        if all(block_hook(l, "attn.hook_result") in self.cache_dict for l in range(n)):
             warnings.warn("the cache already holds the head results (hook_result): nothing recomputed",
                           stacklevel=2)
             return
@@ -27,7 +28,7 @@ class HeadsMixin:
             z = self[("z", l)]  # [*b, pos, head, d_head]
             w_o = self.model.blocks[l].attn.W_O  # [head, d_head, d_model]
             result = torch.einsum("...hd,hdm->...hm", z, w_o.to(z.dtype))
-            self.cache_dict[f"blocks.{l}.attn.hook_result"] = result
+            self.cache_dict[block_hook(l, "attn.hook_result")] = result
 
     def stack_head_results(self, layer: int = -1, return_labels: bool = False, incl_remainder: bool = False,
                            pos_slice: SliceInput = None, apply_ln: bool = False):
@@ -36,7 +37,7 @@ class HeadsMixin:
         stream leaving block layer - 1 (biases, embeddings, MLPs), so the stack sums to it."""
         layer = _n_layers_if_default(self.model, layer)
         pos = as_slice(pos_slice)
-        if any(f"blocks.{l}.attn.hook_result" not in self.cache_dict for l in range(layer)):
+        if any(block_hook(l, "attn.hook_result") not in self.cache_dict for l in range(layer)):
             self.compute_head_results()
         n_heads = self.model.cfg.n_heads
         labels = [f"L{l}H{h}" for l in range(layer) for h in range(n_heads)]

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable, Literal, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from fxhook.utils import get_act_name
+from fxhook.core.hook_names import get_act_name
 
 if TYPE_CHECKING:
     from fxhook.runtime.cache import ActivationCache

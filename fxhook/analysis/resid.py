@@ -11,6 +11,7 @@ from typing import Literal
 import torch
 
 from fxhook.analysis.slicing import Slice, SliceInput, as_slice
+from fxhook.core.hook_names import norm_hook, norm_prefix
 
 _NORMED = ("LN", "LNPre", "RMS", "RMSPre")
 
@@ -127,9 +128,9 @@ class ResidualMixin:
     def _cached_scale(self, layer: int, mlp_input: bool, pos: Slice, batch: Slice) -> torch.Tensor:
         """[*bp, 1]: the norm scale the cache recorded where `layer` (or the unembedding) reads."""
         if layer == self.model.cfg.n_layers:
-            key = "ln_final.hook_scale"
+            key = norm_hook(norm_prefix(None, "ln_final"), "hook_scale")
         else:
-            key = f"blocks.{layer}.ln{2 if mlp_input else 1}.hook_scale"
+            key = norm_hook(norm_prefix(layer, "ln2" if mlp_input else "ln1"), "hook_scale")
         if key not in self.cache_dict:
             raise KeyError(f"apply_ln needs {key!r} in the cache: run run_with_cache without a names_filter, or "
                            f"with one that keeps '{key}'")

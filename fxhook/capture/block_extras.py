@@ -16,19 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxhook.adapter import Experts
-from fxhook.capture.ops import hook_marker
+from fxhook.adapter import Experts, get_module
+from fxhook.core import hook_names as hn
+from fxhook.core.ops import hook_marker
 
 
-def install_block_extras(inst, block: nn.Module, prefix: str) -> None:
+def install_block_extras(inst, block: nn.Module, layer: int) -> None:
     """Instrument `block`'s extra norms and experts (`inst` is the capture's instrumenter)."""
-    from fxhook.capture.instrument import get_module
-
     a = inst.adapter
-    for path, name in ((a.ln1_post, "ln1_post."), (a.ln2_post, "ln2_post."), (a.q_norm, "attn.q_norm."),
-                       (a.k_norm, "attn.k_norm.")):
+    for path, norm in ((a.ln1_post, "ln1_post"), (a.ln2_post, "ln2_post"), (a.q_norm, "attn.q_norm"),
+                       (a.k_norm, "attn.k_norm")):
         if path is not None:
-            inst.patch_norm(get_module(block, path), prefix + name)
+            inst.patch_norm(get_module(block, path), hn.norm_prefix(layer, norm))
     if a.experts is not None:
         spec = a.experts
         mlp = get_module(block, a.mlp)
@@ -38,7 +37,7 @@ def install_block_extras(inst, block: nn.Module, prefix: str) -> None:
             x = args[0] if args else next(iter(kwargs.values()))
             tokens[:] = [tuple(x.shape[:2])]
         inst.handles.append(mlp.register_forward_pre_hook(record, with_kwargs=True))
-        _patch(inst, get_module(mlp, spec.router), _router_forward(tokens, prefix + "mlp.", spec))
+        _patch(inst, get_module(mlp, spec.router), _router_forward(tokens, layer, spec))
         _patch(inst, get_module(mlp, spec.experts), _experts_forward(spec))
 
 
@@ -52,14 +51,14 @@ def _mark_tokens(x: torch.Tensor, tokens: list[tuple[int, int]], name: str) -> t
     return hook_marker(x.unflatten(0, tokens[0]), name).flatten(0, 1)
 
 
-def _router_forward(tokens: list[tuple[int, int]], prefix: str, spec: Experts):
+def _router_forward(tokens: list[tuple[int, int]], layer: int, spec: Experts):
     def forward(router: nn.Module, x: torch.Tensor):  # x: [b * p, d_model]
         logits = F.linear(x.reshape(-1, x.shape[-1]), router.weight)  # [b * p, n_experts]
-        probs = _mark_tokens(torch.softmax(logits.float(), dim=-1), tokens, prefix + "hook_expert_weights")
+        probs = _mark_tokens(torch.softmax(logits.float(), dim=-1), tokens, hn.block_hook(layer, "mlp.hook_expert_weights"))
         weights, indices = torch.topk(probs, router.top_k, dim=-1)  # [b * p, k]
         if spec.normalise_top_k:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        indices = _mark_tokens(indices, tokens, prefix + "hook_expert_indices")
+        indices = _mark_tokens(indices, tokens, hn.block_hook(layer, "mlp.hook_expert_indices"))
         return logits, weights, indices
     return forward
 

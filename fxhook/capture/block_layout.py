@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from fxhook.adapter import Site
-from fxhook.capture.ops import hook_marker
+from fxhook.core.ops import hook_marker
 
 
 def mark_fused_chunk(x: torch.Tensor, site: Site, name: str, heads: int) -> torch.Tensor:

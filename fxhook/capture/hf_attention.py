@@ -8,14 +8,18 @@ function transformers silently drops the causal mask.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from fxhook.capture.kv import decode_attention_inputs
-from fxhook.capture.ops import attention_core, hook_marker
+from fxhook.core import hook_names
+from fxhook.core.kv_ops import decode_mask, kv_append
+from fxhook.core.ops import attention_core, hook_marker
 
 IMPLEMENTATION_NAME = "fxhook"
 
@@ -25,14 +29,54 @@ _SUPPORTED_KWARGS = {"scaling", "dropout", "softcap", "sliding_window", "positio
 
 
 @dataclass
-class AttentionCaptureSettings:
-    """What the registered attention marks; set by the capture context for one export."""
+class DecodeCapture:
+    """The explicit KV cache of a decode-step capture (fxhook/capture/kv.py): the attention reads the
+    past keys and values from here and records each layer's extended ones."""
+
+    past_keys: list[torch.Tensor]
+    past_values: list[torch.Tensor]
+    full_mask: torch.Tensor  # [b, past + q], nonzero = real token
+    new_keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    new_values: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AttentionCapture:
+    """What the registered attention marks during one export (None outside capture: plain attention)."""
 
     mark_qk_here: bool = True  # pre-rotary q/k are marked here (models without rotary)
     mark_rotated: bool = False  # rotary models: q/k arriving here are hook_rot_q / hook_rot_k
+    decode: DecodeCapture | None = None  # set while the decode step is captured
 
 
-SETTINGS = AttentionCaptureSettings()
+# per thread and task: two captures running at once each see their own settings
+_CAPTURE: contextvars.ContextVar[AttentionCapture] = contextvars.ContextVar("fxhook_attention_capture",
+                                                                          default=AttentionCapture())
+
+
+@contextlib.contextmanager
+def attention_capture(**changes) -> Iterator[AttentionCapture]:
+    """Within the block, the registered attention runs with these settings (fields of AttentionCapture)."""
+    import dataclasses
+
+    settings = dataclasses.replace(_CAPTURE.get(), **changes)
+    token = _CAPTURE.set(settings)
+    try:
+        yield settings
+    finally:
+        _CAPTURE.reset(token)
+
+
+def _decode_inputs(decode: DecodeCapture | None, layer: int, query: torch.Tensor, key: torch.Tensor,
+                   value: torch.Tensor, attention_mask: torch.Tensor | None, sliding_window: int | None):
+    """(key, value, mask) the attention core should use: the cache's under decode capture."""
+    if decode is None:
+        return key, value, attention_mask
+    key = kv_append(decode.past_keys[layer], key, layer)
+    value = kv_append(decode.past_values[layer], value, layer)
+    decode.new_keys[layer] = key
+    decode.new_values[layer] = value
+    return key, value, decode_mask(decode.full_mask, query, sliding_window)
 
 
 def _heads_last(x: torch.Tensor) -> torch.Tensor:
@@ -54,22 +98,23 @@ def fxhook_attention(module, query, key, value, attention_mask, scaling=None, dr
     if dropout and module.training:
         raise NotImplementedError("fxhook captures models in eval mode; attention dropout is not supported.")
     layer = int(module.layer_idx)
-    prefix = f"blocks.{layer}.attn."
+    settings = _CAPTURE.get()
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    if SETTINGS.mark_qk_here:
-        query = _mark_heads(query, prefix + "hook_q")
-        key = _mark_heads(key, prefix + "hook_k")
-    if SETTINGS.mark_rotated:
-        query = _mark_heads(query, prefix + "hook_rot_q")
-        key = _mark_heads(key, prefix + "hook_rot_k")
-    value = _mark_heads(value, prefix + "hook_v")
-    key, value, attention_mask = decode_attention_inputs(layer, query, key, value, attention_mask, sliding_window)
+    if settings.mark_qk_here:
+        query = _mark_heads(query, hook_names.block_hook(layer, "attn.hook_q"))
+        key = _mark_heads(key, hook_names.block_hook(layer, "attn.hook_k"))
+    if settings.mark_rotated:
+        query = _mark_heads(query, hook_names.block_hook(layer, "attn.hook_rot_q"))
+        key = _mark_heads(key, hook_names.block_hook(layer, "attn.hook_rot_k"))
+    value = _mark_heads(value, hook_names.block_hook(layer, "attn.hook_v"))
+    key, value, attention_mask = _decode_inputs(settings.decode, layer, query, key, value, attention_mask,
+                                                sliding_window)
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         raise TypeError("fxhook attention expects a boolean mask; the mask function was not registered.")
     z = attention_core(query, key, value, attention_mask, float(scaling),
                        None if softcap is None else float(softcap), layer)
-    z = hook_marker(z, prefix + "hook_z")
+    z = hook_marker(z, hook_names.block_hook(layer, "attn.hook_z"))
     return z, None
 
 

@@ -14,20 +14,13 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from fxhook.adapter import Adapter, Site
+from fxhook.adapter import Adapter, Site, get_module
 from fxhook.capture import hf_attention
 from fxhook.capture.block_layout import TokenShape, mark_fused_chunk
 from fxhook.capture.block_extras import install_block_extras
 from fxhook.capture.norms import hooked_norm
-from fxhook.capture.ops import hook_marker
-
-
-def get_module(root: nn.Module, path: str) -> nn.Module:
-    try:
-        return root.get_submodule(path)
-    except AttributeError as e:
-        raise ValueError(f"adapter path {path!r} not found in {type(root).__name__}: {e}") from None
-
+from fxhook.core import hook_names as hn
+from fxhook.core.ops import hook_marker
 
 def _first_tensor(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output[0]
@@ -108,35 +101,36 @@ class _Instrumenter:
     def install(self, hf_model: nn.Module) -> None:
         a = self.adapter
         if a.scaled_embedding:  # the model scales the embedding: hook_embed is what enters block 0
-            self.mark_input(get_module(hf_model, a.blocks)[0], ("hook_embed",))
+            self.mark_input(get_module(hf_model, a.blocks)[0], (hn.model_hook("hook_embed"),))
         else:
-            self.mark_output(get_module(hf_model, a.embed), "hook_embed")
+            self.mark_output(get_module(hf_model, a.embed), hn.model_hook("hook_embed"))
         if a.pos_embed is not None:
-            self.mark_output(get_module(hf_model, a.pos_embed), "hook_pos_embed")
-        self.patch_norm(get_module(hf_model, a.final_norm), "ln_final.")
+            self.mark_output(get_module(hf_model, a.pos_embed), hn.model_hook("hook_pos_embed"))
+        self.patch_norm(get_module(hf_model, a.final_norm), hn.norm_prefix(None, "ln_final"))
         for i, block in enumerate(get_module(hf_model, a.blocks)):
-            p = f"blocks.{i}."
-            self.mark_input(block, (p + "hook_resid_pre",))
+            def name(key: str, layer: int = i) -> str:
+                return hn.block_hook(layer, key)
+            self.mark_input(block, (name("hook_resid_pre"),))
             self.handles.append(block.register_forward_pre_hook(self.record_block_input, with_kwargs=True))
-            self.mark_output(block, p + "hook_resid_post")
-            self.mark_output(get_module(block, a.attn_out_module), p + "hook_attn_out")
-            self.mark_output(get_module(block, a.mlp_out_module), p + "hook_mlp_out")
+            self.mark_output(block, name("hook_resid_post"))
+            self.mark_output(get_module(block, a.attn_out_module), name("hook_attn_out"))
+            self.mark_output(get_module(block, a.mlp_out_module), name("hook_mlp_out"))
             if a.ln2 is None:
-                self.norm_again_for_mlp(block, p)
+                self.norm_again_for_mlp(block, i)
             else:
-                mid = () if a.parallel_attn_mlp else (p + "hook_resid_mid",)
-                self.mark_input(get_module(block, a.mlp_in_module), (*mid, p + "hook_mlp_in"))
-                self.patch_norm(get_module(block, a.ln2), p + "ln2.")
-            self.patch_norm(get_module(block, a.ln1), p + "ln1.")
+                mid = () if a.parallel_attn_mlp else (name("hook_resid_mid"),)
+                self.mark_input(get_module(block, a.mlp_in_module), (*mid, name("hook_mlp_in")))
+                self.patch_norm(get_module(block, a.ln2), hn.norm_prefix(i, "ln2"))
+            self.patch_norm(get_module(block, a.ln1), hn.norm_prefix(i, "ln1"))
             if a.q_site is not None:
-                self.mark_site(block, a.q_site, p + "attn.hook_q", self.n_heads)
+                self.mark_site(block, a.q_site, name("attn.hook_q"), self.n_heads)
             if a.k_site is not None:
-                self.mark_site(block, a.k_site, p + "attn.hook_k", self.n_kv_heads)
-            for site, name in ((a.mlp_pre, "hook_pre"), (a.mlp_pre_linear, "hook_pre_linear"),
-                               (a.mlp_post, "hook_post")):
+                self.mark_site(block, a.k_site, name("attn.hook_k"), self.n_kv_heads)
+            for site, key in ((a.mlp_pre, "mlp.hook_pre"), (a.mlp_pre_linear, "mlp.hook_pre_linear"),
+                              (a.mlp_post, "mlp.hook_post")):
                 if site is not None:
-                    self.mark_site(block, site, p + "mlp." + name, 0)
-            install_block_extras(self, block, p)
+                    self.mark_site(block, site, name(key), 0)
+            install_block_extras(self, block, i)
 
     def record_block_input(self, _mod, args, kwargs) -> None:
         """Remember the block's (marked) input: its [b, p], and resid_pre for a re-read norm."""
@@ -144,15 +138,16 @@ class _Instrumenter:
         self.tokens.record(x)
         self.resid_pre = x
 
-    def norm_again_for_mlp(self, block: nn.Module, p: str) -> None:
+    def norm_again_for_mlp(self, block: nn.Module, layer: int) -> None:
         """Shared-norm parallel blocks: the MLP reads ln1(hook_mlp_in(resid_pre)) hooked as ln2."""
         ln1 = get_module(block, self.adapter.ln1)
         eps, kind = norm_eps(ln1, self.adapter), self.adapter.norm_kind
-        self.norm_eps[p + "ln2."] = eps
+        ln2 = hn.norm_prefix(layer, "ln2")
+        self.norm_eps[ln2] = eps
 
         def pre_hook(_mod, args, kwargs):
-            x = hook_marker(self.resid_pre, p + "hook_mlp_in")
-            x = hooked_norm(x, getattr(ln1, "weight", None), getattr(ln1, "bias", None), eps, kind, p + "ln2.")
+            x = hook_marker(self.resid_pre, hn.block_hook(layer, "hook_mlp_in"))
+            x = hooked_norm(x, getattr(ln1, "weight", None), getattr(ln1, "bias", None), eps, kind, ln2)
             if args:
                 return (x, *args[1:]), kwargs
             key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
@@ -179,15 +174,11 @@ def instrumented(hf_model: nn.Module, adapter: Adapter, n_heads: int, n_kv_heads
     hf_attention.register()
     previous_impl = hf_model.config._attn_implementation
     inst = _Instrumenter(adapter, n_heads, n_kv_heads)
-    settings = hf_attention.SETTINGS
-    saved = (settings.mark_qk_here, settings.mark_rotated)
     try:
-        settings.mark_qk_here = adapter.q_site is None
-        settings.mark_rotated = adapter.rotary
-        hf_model.set_attn_implementation(hf_attention.IMPLEMENTATION_NAME)
-        inst.install(hf_model)
-        yield inst.norm_eps
+        with hf_attention.attention_capture(mark_qk_here=adapter.q_site is None, mark_rotated=adapter.rotary):
+            hf_model.set_attn_implementation(hf_attention.IMPLEMENTATION_NAME)
+            inst.install(hf_model)
+            yield inst.norm_eps
     finally:
         inst.remove()
-        settings.mark_qk_here, settings.mark_rotated = saved
         hf_model.set_attn_implementation(previous_impl)

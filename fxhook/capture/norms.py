@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from fxhook.capture.ops import hook_marker
+from fxhook.core.hook_names import norm_hook
+from fxhook.core.ops import hook_marker
 
 
 def hooked_norm(
@@ -28,8 +29,8 @@ def hooked_norm(
     h = x.float()
     if kind == "layernorm":
         h = h - h.mean(-1, keepdim=True)
-    scale = hook_marker((h.pow(2).mean(-1, keepdim=True) + eps).sqrt(), prefix + "hook_scale")
-    h = hook_marker(h / scale, prefix + "hook_normalized").to(dtype)
+    scale = hook_marker((h.pow(2).mean(-1, keepdim=True) + eps).sqrt(), norm_hook(prefix, "hook_scale"))
+    h = hook_marker(h / scale, norm_hook(prefix, "hook_normalized")).to(dtype)
     if weight is not None:
         h = h * ((1.0 + weight.float()).to(dtype) if kind == "rmsnorm_plus_one" else weight)
     if bias is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from fxhook.passes.graph_utils import finish, hook_point_nodes, output_node
+from fxhook.core.graph import finish, hook_point_nodes, output_node
 
 ACTIVATION_NAMES = "activation_names"  # gm.meta key: the names of the extra outputs, in order
 

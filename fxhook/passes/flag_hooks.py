@@ -5,14 +5,15 @@ from torch import fx
 
 from fxhook.adapter import Adapter
 from fxhook.config import HookedTransformerConfig
-from fxhook.passes.graph_utils import hook_markers
+from fxhook.core.hook_names import key_of
+from fxhook.core.graph import hook_markers
 from fxhook.passes.per_head import split_attn_result, split_qkv_input
 
 
-def drop_markers(gm: fx.GraphModule, suffix: str) -> fx.GraphModule:
-    """Remove the markers whose name ends with `suffix` (their hook does not exist)."""
+def drop_markers(gm: fx.GraphModule, key: str) -> fx.GraphModule:
+    """Remove the markers of hook kind `key` ("hook_mlp_in" in every block): their hook does not exist."""
     for marker in hook_markers(gm.graph):
-        if marker.args[1].endswith(suffix):
+        if key_of(marker.args[1]) == key:
             marker.replace_all_uses_with(marker.args[0])
             gm.graph.erase_node(marker)
     return gm
@@ -20,7 +21,7 @@ def drop_markers(gm: fx.GraphModule, suffix: str) -> fx.GraphModule:
 
 def apply_flag_passes(gm: fx.GraphModule, spec, cfg: HookedTransformerConfig, adapter: Adapter) -> fx.GraphModule:
     if not spec.use_hook_mlp_in:
-        gm = drop_markers(gm, ".hook_mlp_in")
+        gm = drop_markers(gm, "hook_mlp_in")
     if spec.use_split_qkv_input or spec.use_attn_in:
         gm = split_qkv_input(gm, adapter, cfg, split=spec.use_split_qkv_input, attn_in=spec.use_attn_in,
                              ungrouped=spec.ungroup_grouped_query_attention)

@@ -5,13 +5,9 @@ from typing import Callable
 
 from torch import fx
 
-from fxhook.passes.graph_utils import finish, hook_markers
-from fxhook.runtime.hook_point import HookPoint
-
-# Sites marked at one use of a residual value but standing for the value itself:
-# every use of the marked value must read the hooked one (an edit to resid_mid
-# reaches both the MLP and the residual add).
-RESIDUAL_SITES = ("hook_resid_mid",)
+from fxhook.core.hook_names import is_residual_site
+from fxhook.core.graph import finish, hook_markers
+from fxhook.core.hook_point import HookPoint
 
 
 def _hoist(node: fx.Node) -> None:
@@ -24,8 +20,8 @@ def insert_hook_points(gm: fx.GraphModule, make_point: Callable[[str], HookPoint
                        ) -> fx.GraphModule:
     for marker in hook_markers(gm.graph):
         x, name = marker.args
-        if name.endswith(RESIDUAL_SITES):
-            _hoist(marker)
+        if is_residual_site(name):  # every use of the marked value reads the hooked one (resid_mid reaches
+            _hoist(marker)          # both the MLP and the residual add)
         if not _has_submodule(gm, name):
             gm.add_submodule(name, make_point(name))
         with gm.graph.inserting_after(marker):

@@ -26,24 +26,15 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from fxhook.capture.kv import DECODE_MASK, KV_APPEND, mask_at, step_mask
-from fxhook.capture.ops import hook_op
-from fxhook.passes.graph_utils import finish, output_node
+from fxhook.core.attention_math import SDPA_FUNCTIONS, grouped_attention
+from fxhook.core.kv_ops import DECODE_MASK, KV_APPEND, growing_mask, static_mask
+from fxhook.core.ops import hook_op
+from fxhook.core.hook_names import model_hook
+from fxhook.core.graph import finish, output_node
 
 
 def _placeholders(graph: fx.Graph) -> list[fx.Node]:
     return [n for n in graph.nodes if n.op == "placeholder"]
-
-
-def growing_mask(full_mask: torch.Tensor, input_ids: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
-    """Mask [b, 1, q, past + q] of this step's q = input_ids.shape[1] positions (see capture/kv.py)."""
-    return step_mask(full_mask, input_ids.shape[1], sliding_window)
-
-
-def static_mask(full_mask: torch.Tensor, cache_position: torch.Tensor, sliding_window: int | None
-                ) -> torch.Tensor:
-    """Mask [b, 1, q, max_len] of the queries at buffer slots cache_position [q]."""
-    return mask_at(full_mask, cache_position, sliding_window)
 
 
 def _replace_masks(gm: fx.GraphModule, make_mask) -> None:
@@ -103,7 +94,7 @@ def embeds_input(gm: fx.GraphModule) -> fx.GraphModule:
     input_ids stays an input (it only gives shapes; pass zeros)."""
     graph = gm.graph
     markers = [n for n in graph.nodes if n.op == "call_function" and n.target is hook_op
-               and n.args[1] == "hook_embed"]
+               and n.args[1] == model_hook("hook_embed")]
     if len(markers) != 1:
         raise NotImplementedError("generating from embeddings needs the hook_embed site, which this "
                                   "model's graph does not have")
@@ -113,34 +104,9 @@ def embeds_input(gm: fx.GraphModule) -> fx.GraphModule:
     return finish(gm)
 
 
-_SDPA = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
-
-
-def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                      scale: float | None = None, enable_gqa: bool = False, **_unused) -> torch.Tensor:
-    """SDPA's result for grouped-query attention without repeating k and v.
-
-    q [b, h, n, d], k/v [b, kv, L, d]: the r = h / kv query heads of a group are laid out as r * n
-    rows against their group's keys, so both products are plain batched matmuls over the cache.
-    (Compiled SDPA with enable_gqa copies each layer's whole static cache r times at every token.)
-    """
-    b, h, n, d = q.shape
-    groups = k.shape[1]
-    r = h // groups
-    scale = d ** -0.5 if scale is None else scale
-    scores = torch.matmul(q.reshape(b, groups, r * n, d), k.transpose(-1, -2)) * scale  # [b, kv, r*n, L]
-    if attn_mask is not None:
-        grouped = scores.view(b, groups, r, n, -1)
-        mask = attn_mask.unsqueeze(2)  # [b, 1, 1, n, L]
-        grouped = grouped.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else grouped + mask
-        scores = grouped.view(b, groups, r * n, -1)
-    pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
-    return torch.matmul(pattern, v).view(b, h, n, v.shape[-1])
-
-
 def ungrouped_sdpa(gm: fx.GraphModule) -> fx.GraphModule:
     """Replace SDPA calls with enable_gqa by `grouped_attention` (for the compiled static-cache graph)."""
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target in _SDPA and node.kwargs.get("enable_gqa"):
+        if node.op == "call_function" and node.target in SDPA_FUNCTIONS and node.kwargs.get("enable_gqa"):
             node.target = grouped_attention
     return finish(gm)

@@ -13,10 +13,11 @@ from torch.fx.proxy import GraphAppendingTracer, Proxy
 
 from fxhook.adapter import Adapter
 from fxhook.capture.norms import hooked_norm
-from fxhook.capture.ops import hook_op
+from fxhook.core import hook_names as hn
+from fxhook.core.ops import hook_op
 from fxhook.config import HookedTransformerConfig
 from fxhook.passes.graph_params import BlockParams
-from fxhook.passes.graph_utils import finish, hook_markers
+from fxhook.core.graph import finish, hook_markers
 
 
 def _markers_by_name(gm: fx.GraphModule) -> dict[str, fx.Node]:
@@ -48,19 +49,19 @@ def split_attn_result(gm: fx.GraphModule, adapter: Adapter, cfg: HookedTransform
     markers = _markers_by_name(gm)
     tracer = GraphAppendingTracer(gm.graph)
     for layer in range(cfg.n_layers):
-        z_node = markers[f"blocks.{layer}.attn.hook_z"]
-        out_node = markers[f"blocks.{layer}.hook_attn_out"]
+        z_node = markers[hn.block_hook(layer, "attn.hook_z")]
+        out_node = markers[hn.block_hook(layer, "hook_attn_out")]
         with gm.graph.inserting_before(out_node):
             params = BlockParams(gm, adapter, layer, tracer)
             w_o, b_o = params.output_projection(adapter.o_proj, cfg.n_heads, cfg.d_head)
             z = Proxy(z_node, tracer)
             result = torch.einsum("bphd,hdm->bphm", z.to(w_o.dtype), w_o)
-            result = hook_op(result, f"blocks.{layer}.attn.hook_result")
+            result = hook_op(result, hn.block_hook(layer, "attn.hook_result"))
             out = result.sum(dim=2)
             if b_o is not None:
                 out = out + b_o
             if adapter.ln1_post is not None:
-                prefix = f"blocks.{layer}.ln1_post."
+                prefix = hn.norm_prefix(layer, "ln1_post")
                 w, b, eps = params.norm(adapter.ln1_post, prefix)
                 out = hooked_norm(out, w, b, eps, adapter.norm_kind, prefix)
         out_node.args = (out.node, out_node.args[1])
@@ -90,25 +91,25 @@ def split_qkv_input(gm: fx.GraphModule, adapter: Adapter, cfg: HookedTransformer
     n_kv = cfg.n_heads if ungrouped else cfg.n_kv_heads
     heads = {"q": cfg.n_heads, "k": n_kv, "v": n_kv}
     for layer in range(cfg.n_layers):
-        p = f"blocks.{layer}."
-        first = min((markers[p + f"attn.hook_{x}"] for x in "qkv"), key=_position(gm.graph))
-        resid = markers[p + "hook_resid_pre"]
+        first = min((markers[hn.block_hook(layer, f"attn.hook_{x}")] for x in "qkv"), key=_position(gm.graph))
+        resid = markers[hn.block_hook(layer, "hook_resid_pre")]
         with gm.graph.inserting_before(first):
             params = BlockParams(gm, adapter, layer, tracer)
-            ln_w, ln_b, eps = params.norm(adapter.ln1, p + "ln1.")
+            ln1 = hn.norm_prefix(layer, "ln1")
+            ln_w, ln_b, eps = params.norm(adapter.ln1, ln1)
             resid_proxy = Proxy(resid, tracer)
-            shared = hook_op(_repeat_heads(resid_proxy, cfg.n_heads), p + "hook_attn_in") if attn_in else None
+            shared = hook_op(_repeat_heads(resid_proxy, cfg.n_heads), hn.block_hook(layer, "hook_attn_in")) if attn_in else None
             for x in "qkv":
                 if split:
-                    inp = hook_op(_repeat_heads(resid_proxy, heads[x]), p + f"hook_{x}_input")
+                    inp = hook_op(_repeat_heads(resid_proxy, heads[x]), hn.block_hook(layer, f"hook_{x}_input"))
                 else:
                     inp = shared
-                normed = hooked_norm(inp, ln_w, ln_b, eps, adapter.norm_kind, p + "ln1.")
+                normed = hooked_norm(inp, ln_w, ln_b, eps, adapter.norm_kind, ln1)
                 w, b = params.input_projection(getattr(adapter, f"{x}_proj"), heads[x], cfg.d_head)
                 value = torch.einsum("bphm,hmd->bphd", normed.to(w.dtype), w)
                 if b is not None:
                     value = value + b
-                target = markers[p + f"attn.hook_{x}"]
+                target = markers[hn.block_hook(layer, f"attn.hook_{x}")]
                 target.args = (value.node, target.args[1])
     return finish(gm)
 

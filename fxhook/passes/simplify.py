@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import fx
 
-from fxhook.passes.graph_utils import finish
+from fxhook.core.attention_math import SDPA_FUNCTIONS, additive_mask
+from fxhook.core.graph import finish
 
 aten = torch.ops.aten
 _FULL = 2 ** 62  # a slice end at least this large means "to the end"
@@ -166,19 +167,11 @@ def _key(node: fx.Node):
     return node.target, freeze(node.args), freeze(node.kwargs)
 
 
-_SDPA = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
-
-
-def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Boolean attention mask (True = attend) -> 0 / -inf of `dtype`, what SDPA makes of it per call."""
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-
-
 def _share_additive_masks(graph: fx.Graph) -> None:
     """Convert each boolean SDPA mask once for all layers instead of inside every SDPA call."""
     made: dict[tuple[fx.Node, torch.dtype], fx.Node] = {}
     for node in list(graph.nodes):
-        mask = node.kwargs.get("attn_mask") if node.op == "call_function" and node.target in _SDPA else None
+        mask = node.kwargs.get("attn_mask") if node.op == "call_function" and node.target in SDPA_FUNCTIONS else None
         query = _val(node.args[0]) if node.args else None
         if not isinstance(mask, fx.Node) or not isinstance(query, torch.Tensor):
             continue

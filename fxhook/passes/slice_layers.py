@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from torch import fx
 
-from fxhook.passes.graph_utils import finish, hook_point_nodes, output_node
+from fxhook.core.hook_names import block_hook
+from fxhook.core.graph import finish, hook_point_nodes, output_node
 
 
 def _resid_entering(nodes: dict[str, fx.Node], layer: int, n_layers: int) -> fx.Node:
     """The value of the residual stream entering block `layer` (layer == n_layers: leaving the last)."""
     if layer == n_layers:
-        return nodes[f"blocks.{n_layers - 1}.hook_resid_post"]
-    return nodes[f"blocks.{layer}.hook_resid_pre"].args[0]
+        return nodes[block_hook(n_layers - 1, "hook_resid_post")]
+    return nodes[block_hook(layer, "hook_resid_pre")].args[0]
 
 
 def slice_layers(gm: fx.GraphModule, n_layers: int, start: int | None, stop: int | None) -> fx.GraphModule:
@@ -28,7 +29,7 @@ def slice_layers(gm: fx.GraphModule, n_layers: int, start: int | None, stop: int
         last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
         with graph.inserting_after(last_placeholder):
             residual = graph.placeholder("residual")
-        entry = nodes[f"blocks.{start}.hook_resid_pre"] if start < n_layers else None
+        entry = nodes[block_hook(start, "hook_resid_pre")] if start < n_layers else None
         if entry is None:
             raise ValueError(f"start_at_layer={start} is past the last block")
         entry.args = (residual,)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from fxhook.core.hook_names import block_name, block_prefix
+
 Weights = dict[str, torch.Tensor]
 
 _READERS = {  # norm -> the (weight, bias) pairs that read its output
@@ -41,7 +43,7 @@ def fold_layer_norm(sd: Weights, n_layers: int, norm_kind: str) -> Weights:
     """Fold each norm's weight (and bias) into the projections that read it."""
     sd = dict(sd)
     for layer in range(n_layers):
-        p = f"blocks.{layer}."
+        p = block_prefix(layer)
         for norm, readers in _READERS.items():
             _fold_norm(sd, p + norm, [(p + w, p + b) for w, b in readers], norm_kind)
     _fold_norm(sd, "ln_final", [("unembed.W_U", "unembed.b_U")], norm_kind)
@@ -61,7 +63,7 @@ def center_writing_weights(sd: Weights, n_layers: int) -> Weights:
         _centre_last(sd, key)
     for layer in range(n_layers):
         for key in ("attn.W_O", "attn.b_O", "mlp.W_out", "mlp.b_out"):
-            _centre_last(sd, f"blocks.{layer}.{key}")
+            _centre_last(sd, block_name(layer, key))
     return sd
 
 
@@ -78,7 +80,7 @@ def fold_value_biases(sd: Weights, n_layers: int, n_heads: int) -> Weights:
     reaches the output as a constant."""
     sd = dict(sd)
     for layer in range(n_layers):
-        p = f"blocks.{layer}.attn."
+        p = block_name(layer, "attn.")
         if p + "b_V" not in sd:
             continue
         b_v = sd[p + "b_V"]  # [kv_heads, d_head]
@@ -105,7 +107,7 @@ def refactor_factored_attn_matrices(sd: Weights, n_layers: int, n_heads: int, ro
                          "with rotary embeddings W_QK depends on the positions")
     sd = fold_value_biases(sd, n_layers, n_heads)
     for layer in range(n_layers):
-        p = f"blocks.{layer}.attn."
+        p = block_name(layer, "attn.")
         w_q, w_k = sd[p + "W_Q"], sd[p + "W_K"]  # [h, d_model, d_head]
         if w_k.shape[0] != w_q.shape[0]:
             raise ValueError("refactor_factored_attn_matrices does not support grouped-query attention")

@@ -16,6 +16,7 @@ from fxhook.adapter import Adapter
 from fxhook.config import HookedTransformerConfig
 from fxhook.processing.extra_weights import add_extra_weights
 from fxhook.weights import Projection, read_input_projection, read_mlp_projection, read_output_projection
+from fxhook.core.hook_names import block_name, block_prefix
 
 
 def _param(root: nn.Module, path: str, leaf: str) -> torch.Tensor | None:
@@ -60,7 +61,7 @@ def live_weights(hf_model: nn.Module, adapter: Adapter, cfg: HookedTransformerCo
     if adapter.pos_embed is not None:
         out["pos_embed.W_pos"] = _param(hf_model, adapter.pos_embed, "weight")[adapter.pos_embed_offset:]
     for layer, block in enumerate(hf_model.get_submodule(adapter.blocks)):
-        p = f"blocks.{layer}."
+        p = block_prefix(layer)
         _norm(out, block, adapter.ln1, p + "ln1")
         _norm(out, block, adapter.ln2 or adapter.ln1, p + "ln2")  # no ln2: the MLP reads ln1 too
         _projection(out, block, adapter.q_proj, p + "attn.?_Q", read_input_projection, cfg.n_heads, cfg.d_head)
@@ -90,9 +91,9 @@ def bias_homes(hf_model: nn.Module, adapter: Adapter, cfg: HookedTransformerConf
                            ("attn.b_O", adapter.o_proj), ("mlp.b_in", adapter.mlp_in),
                            ("mlp.b_gate", adapter.mlp_gate), ("mlp.b_out", adapter.mlp_out)):
             if proj is not None and proj.n_chunks == 1:
-                homes[f"blocks.{layer}.{name}"] = (block.get_submodule(proj.module), sizes[name.split("_", 1)[1]])
+                homes[block_name(layer, name)] = (block.get_submodule(proj.module), sizes[name.rsplit("_", 1)[1]])
             elif proj is not None:  # a fused projection: the bias covers the whole fused output
                 module = block.get_submodule(proj.module)
-                homes[f"blocks.{layer}.{name}"] = (module, module.weight.shape[0 if proj.layout == "linear" else 1])
+                homes[block_name(layer, name)] = (module, module.weight.shape[0 if proj.layout == "linear" else 1])
     homes["unembed.b_U"] = (hf_model.get_submodule(adapter.unembed), cfg.d_vocab_out)
     return homes

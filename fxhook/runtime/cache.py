@@ -6,7 +6,7 @@ from typing import Iterator
 import torch
 
 from fxhook.analysis.cache_analysis import CacheAnalysisMixin
-from fxhook.utils import get_act_name
+from fxhook.core.hook_names import get_act_name
 
 
 class ActivationCache(CacheAnalysisMixin):

@@ -65,7 +65,7 @@ class DecodeGraphsMixin:
 
     def _decode_captured(self, ungroup: bool, kind: DecodeKind) -> fx.GraphModule:
         """The captured decode graph with its cache lowered (and checked), before hook points."""
-        from fxhook.passes.graph_utils import copy_graph_module
+        from fxhook.core.graph import copy_graph_module
         from fxhook.passes.kv_cache import embeds_input, lower_growing_cache, lower_static_cache
         from fxhook.passes.simplify import simplify
 
@@ -88,7 +88,7 @@ class DecodeGraphsMixin:
         if kind.embeds:
             gm = embeds_input(gm)
         gm = lower_static_cache(gm) if kind.static else lower_growing_cache(gm)
-        from fxhook.capture.kv import verify_decode
+        from fxhook.pipeline.verify import verify_decode
         from fxhook.compiler import GraphSpec
 
         full = self._captured_for(GraphSpec(ungroup_grouped_query_attention=ungroup))
@@ -125,7 +125,7 @@ class DecodeGraphsMixin:
 
     def _embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token embeddings [b, p, d_model] as hook_embed sees them (before positional embeddings)."""
-        from fxhook.capture.instrument import get_module
+        from fxhook.adapter import get_module
 
         return get_module(self.hf_model, self.adapter.embed)(tokens)
 
@@ -146,7 +146,7 @@ class DecodeGraphsMixin:
     def _run_growing(self, cache: KVCache, tokens: torch.Tensor, mask: torch.Tensor,
                      embeds: torch.Tensor | None = None) -> torch.Tensor:
         """One cached step: tokens [b, q] with their padding mask [b, q] -> logits [b, q, vocab]."""
-        from fxhook.capture.kv import positions_from_mask
+        from fxhook.core.kv_ops import positions_from_mask
 
         spec = self._current_spec()
         heads = self._decode_kv_heads(spec)

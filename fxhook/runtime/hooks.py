@@ -9,7 +9,7 @@ import contextlib
 import difflib
 from typing import Callable, Iterable, Iterator, Sequence, Union
 
-from fxhook.runtime.hook_point import Direction, HookEntry, HookFn, HookPoint
+from fxhook.core.hook_point import Direction, HookEntry, HookFn, HookPoint
 
 NameOrFilter = Union[str, Callable[[str], bool], Sequence[str]]
 HookSpec = tuple[NameOrFilter, HookFn]

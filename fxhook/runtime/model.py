@@ -11,12 +11,12 @@ from fxhook.adapter import Adapter
 from fxhook.compiler import GraphSpec, build_variant, capture_graph
 from fxhook.config import HookedTransformerConfig
 from fxhook.datasets import DatasetMixin
-from fxhook.passes.graph_utils import hook_point_nodes
+from fxhook.core.graph import hook_point_nodes
 from fxhook.passes.expose_activations import ACTIVATION_NAMES
 from fxhook.runtime.cache import ActivationCache
 from fxhook.runtime.compiled import CompileMixin
 from fxhook.runtime.generate import GenerationMixin
-from fxhook.runtime.hook_point import HookPoint
+from fxhook.core.hook_point import HookPoint
 from fxhook.runtime.hooks import HookRegistry, HookSpec, NameOrFilter
 from fxhook.runtime.loading import LoadingMixin
 from fxhook.runtime.tokens import TokenizerMixin

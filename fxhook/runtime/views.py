@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from fxhook.processing.weight_dict import live_weights
+from fxhook.core.hook_names import block_name, block_prefix
 
 
 class _Namespace:
@@ -40,14 +41,14 @@ class _Namespace:
 class BlockView(_Namespace):
     def __init__(self, model, layer: int):
         cfg = model.cfg
-        super().__init__(model, f"blocks.{layer}.", {})
+        super().__init__(model, block_prefix(layer), {})
         self.layer = layer
-        self.attn = _Namespace(model, f"blocks.{layer}.attn.", {
+        self.attn = _Namespace(model, block_name(layer, "attn."), {
             "b_Q": (cfg.n_heads, cfg.d_head), "b_K": (cfg.n_kv_heads, cfg.d_head),
             "b_V": (cfg.n_kv_heads, cfg.d_head), "b_O": (cfg.d_model,)})
-        self.mlp = _Namespace(model, f"blocks.{layer}.mlp.", {"b_in": (cfg.d_mlp,), "b_out": (cfg.d_model,)})
-        self.ln1 = _Namespace(model, f"blocks.{layer}.ln1.", {})
-        self.ln2 = _Namespace(model, f"blocks.{layer}.ln2.", {})
+        self.mlp = _Namespace(model, block_name(layer, "mlp."), {"b_in": (cfg.d_mlp,), "b_out": (cfg.d_model,)})
+        self.ln1 = _Namespace(model, block_name(layer, "ln1."), {})
+        self.ln2 = _Namespace(model, block_name(layer, "ln2."), {})
 
 
 class WeightViewsMixin:

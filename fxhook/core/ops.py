@@ -28,7 +28,7 @@ def _attention_reference(
     scaling: float, softcap: float | None,
 ) -> torch.Tensor:
     """Plain attention: q [b h p d], k/v [b kv p_k d], mask bool [b 1 p p_k] -> z [b p h d]."""
-    from fxhook.runtime.attention_math import eager_attention
+    from fxhook.core.attention_math import eager_attention
 
     z, _scores, _pattern = eager_attention(q, k, v, mask, scaling, softcap, q.shape[1] // k.shape[1])
     return z

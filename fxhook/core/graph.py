@@ -6,7 +6,7 @@ from typing import Iterator
 import torch
 from torch import fx
 
-from fxhook.capture.ops import attention_op, hook_op
+from fxhook.core.ops import attention_op, hook_op
 
 
 def hook_markers(graph: fx.Graph) -> Iterator[fx.Node]:
@@ -19,7 +19,7 @@ def attention_nodes(graph: fx.Graph) -> Iterator[fx.Node]:
 
 def hook_point_nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
     """name -> the call_module node of each HookPoint in `gm`."""
-    from fxhook.runtime.hook_point import HookPoint
+    from fxhook.core.hook_point import HookPoint
 
     out = {}
     for n in gm.graph.nodes:

@@ -7,12 +7,13 @@ and which points are hooked selects the graph variant that runs.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 import torch
 from torch import nn
+
+from fxhook.core.hook_names import layer_of
 
 HookFn = Callable[..., Any]
 Direction = Literal["fwd", "bwd"]
@@ -43,10 +44,10 @@ class HookPoint(nn.Module):
 
     def layer(self) -> int:
         """The block index in this hook's name (TransformerLens's `hook.layer()`)."""
-        match = re.match(r"blocks\.(\d+)\.", self.name)
-        if match is None:
+        layer = layer_of(self.name)
+        if layer is None:
             raise ValueError(f"hook {self.name!r} is not inside a block")
-        return int(match.group(1))
+        return layer
 
     def add_hook(self, fn: HookFn, dir: Direction = "fwd", is_permanent: bool = False,
                  prepend: bool = False) -> HookEntry:
