@@ -149,7 +149,7 @@ def single_token(model, text: str, what: str) -> int:
 
 # ------------------------------------------------------------------ commands
 def cmd_hooks(model, args) -> None:
-    from fxhook.analysis.hook_docs import describe
+    from fxhook.core.hook_names import describe, layer_of
 
     cfg = model.cfg
     if model.tokenizer is not None:
@@ -164,7 +164,7 @@ def cmd_hooks(model, args) -> None:
     print(f"Shapes for one prompt of {tokens.shape[-1]} tokens (batch 1, pos {tokens.shape[-1]}).\n")
     names = [n for n in model.hook_dict if args.filter is None or args.filter in n]
     if not args.all:
-        names = [n for n in names if not n.startswith("blocks.") or n.startswith("blocks.0.")]
+        names = [n for n in names if layer_of(n) in (None, 0)]
     if not names:
         raise CliError(f"no hook name contains {args.filter!r}: try --filter attn, --filter mlp or --filter resid")
     width = max(len(n) for n in names)

@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 from torch.testing import assert_close
 
 from fxhook import HookedTransformer
-from fxhook.compiler import GraphSpec
+from fxhook.pipeline import GraphSpec
 from fxhook.core.graph import hook_point_nodes
 from fxhook.core.hook_point import HookPoint
 from models import NO_SHRINK, ModelSpec, build_hf_model, model_specs, token_batches

@@ -378,7 +378,7 @@ def test_smollm2_batched_text_greedy_equals_hf_generate(smollm2):
 
 
 def test_decode_graph_has_the_full_graphs_hook_points(pair):
-    from fxhook.compiler import GraphSpec
+    from fxhook.pipeline import GraphSpec
     from fxhook.core.graph import hook_point_nodes
 
     _, model = pair
@@ -408,8 +408,7 @@ def test_stream_yields_nothing_without_new_tokens(pair):
 
 def test_decode_graph_self_check_refuses_a_wrong_decode(pair):
     from fxhook.pipeline.verify import verify_decode
-    from fxhook.compiler import GraphSpec
-    from fxhook.runtime.decode import DecodeKind
+    from fxhook.pipeline import DecodeKind, GraphSpec
 
     _, model = pair
     cfg = model.cfg
@@ -445,12 +444,12 @@ def test_static_cache_graph_equals_growing_cache_under_flags_and_pattern_hooks(p
         with torch.no_grad(), model.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern",
                                                        lambda x, hook: patterns.append(x.clone()))]):
             growing, static = model.init_kv_cache(2), model.init_static_kv_cache(2, 16)
-            a = [model._run_growing(growing, tokens, mask)]
-            b = [model._run_static(static, tokens, mask)]
+            a = [model.decoder.run_growing(growing, tokens, mask)]
+            b = [model.decoder.run_static(static, tokens, mask)]
             for t in range(3):
                 new = torch.full((2, 1), 5 + t)
-                a.append(model._run_growing(growing, new, torch.ones_like(new)))
-                b.append(model._run_static(static, new, torch.ones_like(new)))
+                a.append(model.decoder.run_growing(growing, new, torch.ones_like(new)))
+                b.append(model.decoder.run_static(static, new, torch.ones_like(new)))
     finally:
         model.set_use_attn_result(False)
         model.set_ungroup_grouped_query_attention(False)
@@ -463,14 +462,17 @@ def test_static_cache_graph_equals_growing_cache_under_flags_and_pattern_hooks(p
 
 def test_decode_graph_simplification_keeps_values_and_drops_nodes(pair):
     from fxhook.core.kv_ops import positions_from_mask
-    from fxhook.compiler import build_variant, capture_decode_graph
+    from fxhook.capture.kv import capture_decode
+    from fxhook.pipeline import build_forward
     from fxhook.passes.kv_cache import lower_growing_cache
 
     _, model = pair
     spec = model._current_spec()
     simplified = model.decode_graph_for(spec)
-    captured = lower_growing_cache(capture_decode_graph(model.hf_model, model.adapter, model.cfg))
-    plain = build_variant(captured, spec, model.cfg, model.adapter, model._make_point)
+    cfg = model.cfg
+    captured = lower_growing_cache(capture_decode(model.hf_model, model.adapter, cfg.n_layers, cfg.n_heads,
+                                                  cfg.n_kv_heads, cfg.d_head))
+    plain = build_forward(captured, spec, model.cfg, model.adapter, model._make_point)
     assert len(simplified.graph.nodes) < 0.9 * len(plain.graph.nodes)
     assert not [n for n in simplified.graph.nodes if n.target is torch.ops.aten._assert_tensor_metadata.default]
     tokens, mask = padded_batch(25)

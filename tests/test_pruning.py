@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from fxhook import HookedTransformer
-from fxhook.compiler import GraphSpec
+from fxhook.pipeline import GraphSpec
 from fxhook.core.graph import hook_point_nodes
 from models import ModelSpec, build_hf_model
 

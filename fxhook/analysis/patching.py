@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from fxhook.core.hook_names import get_act_name
 
 if TYPE_CHECKING:
-    from fxhook.runtime.cache import ActivationCache
-    from fxhook.runtime.model import HookedTransformer
+    from fxhook.analysis.cache import ActivationCache
+    from fxhook.model import HookedTransformer
 
 AxisName = Literal["layer", "pos", "head_index", "head", "src_pos", "dest_pos"]
 Metric = Callable[[torch.Tensor], torch.Tensor]  # logits [batch, pos, d_vocab] -> scalar
@@ -91,7 +91,7 @@ def layer_head_dest_src_pos_pattern_patch_setter(corrupted: torch.Tensor, index:
 def _eager(model):
     """Sweeps run eager: on a compiled model every newly hooked point would compile its own graph
     (seconds to minutes each), which a sweep over layers never earns back."""
-    options = getattr(model, "_compile_options", None)  # fxhook's CompileMixin state (None: eager)
+    options = model.compile_options  # None: eager
     if options is None:
         yield
         return

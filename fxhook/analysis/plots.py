@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 if TYPE_CHECKING:
-    from fxhook.runtime.cache import ActivationCache
-    from fxhook.runtime.model import HookedTransformer
+    from fxhook.analysis.cache import ActivationCache
+    from fxhook.model import HookedTransformer
 
 
 def _figure(width: float, height: float):

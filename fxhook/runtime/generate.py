@@ -23,7 +23,9 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import tqdm
 
-from fxhook.runtime.decode import DecodeGraphsMixin
+from fxhook.config import HookedTransformerConfig
+from fxhook.runtime.decode import Decoder, check_context_length
+from fxhook.runtime.graphs import GraphStore
 from fxhook.runtime.kv_cache import StaticKVCache
 from fxhook.runtime.sampling import sample_logits
 
@@ -47,8 +49,16 @@ class _Prompt:
         return self.mask.shape[1]
 
 
-class GenerationMixin(DecodeGraphsMixin):
-    """generate and generate_stream for HookedTransformer."""
+class GenerationMixin:
+    """generate and generate_stream for HookedTransformer: the step loop over `self.decoder` (runtime/decode.py)
+    and the tokenizer methods, with sampling from runtime/sampling.py.
+
+    Reads the model's declared collaborators below and the tokenizer methods (runtime/tokens.py)."""
+
+    cfg: HookedTransformerConfig
+    tokenizer: Any
+    graphs: GraphStore
+    decoder: Decoder
 
     # ------------------------------------------------------------ inputs
     def _generation_input(self, input, prepend_bos, padding_side, attention_mask=None) -> _Prompt:
@@ -110,7 +120,7 @@ class GenerationMixin(DecodeGraphsMixin):
 
     def _use_compiled_decode(self, use_compiled_decode: bool | None, use_past_kv_cache: bool) -> bool:
         if use_compiled_decode is None:  # follow the model's compile setting (model.compile())
-            return bool(getattr(self, "is_compiled", False)) and use_past_kv_cache
+            return self.is_compiled and use_past_kv_cache
         if use_compiled_decode and not use_past_kv_cache:
             raise ValueError("compiled decode runs over a static KV cache: it needs use_past_kv_cache=True "
                              "(or pass use_compiled_decode=False)")
@@ -124,23 +134,23 @@ class GenerationMixin(DecodeGraphsMixin):
         b = prompt.batch
         ones = torch.ones((b, 1), dtype=torch.long, device=prompt.mask.device)
         if compiled:
-            cache = self.init_static_kv_cache(b, StaticKVCache.bucket(prompt.length + max_new_tokens,
+            cache = self.decoder.init_static_kv_cache(b, StaticKVCache.bucket(prompt.length + max_new_tokens,
                                                                       self.cfg.n_ctx))
 
             def run(new):
                 if new is None:
                     ids = prompt.tokens if prompt.tokens is not None else self._shape_ids(prompt)
-                    return self._run_static(cache, ids, prompt.mask, prompt.embeds)[:, -1]
-                return self._run_static(cache, new[:, None], ones, compiled=True)[:, -1]
+                    return self.decoder.run_static(cache, ids, prompt.mask, prompt.embeds)[:, -1]
+                return self.decoder.run_static(cache, new[:, None], ones, compiled=True)[:, -1]
             return run
         if use_past_kv_cache:
-            cache = self.init_kv_cache(b)
+            cache = self.decoder.init_kv_cache(b)
 
             def run(new):
                 if new is None:
                     ids = prompt.tokens if prompt.tokens is not None else self._shape_ids(prompt)
-                    return self._run_growing(cache, ids, prompt.mask, prompt.embeds)[:, -1]
-                return self._run_growing(cache, new[:, None], ones)[:, -1]
+                    return self.decoder.run_growing(cache, ids, prompt.mask, prompt.embeds)[:, -1]
+                return self.decoder.run_growing(cache, new[:, None], ones)[:, -1]
             return run
         state = {"tokens": prompt.tokens, "embeds": prompt.embeds, "mask": prompt.mask}
 
@@ -150,13 +160,13 @@ class GenerationMixin(DecodeGraphsMixin):
                 if state["tokens"] is not None:
                     state["tokens"] = torch.cat([state["tokens"], new[:, None]], dim=1)
                 else:
-                    state["embeds"] = torch.cat([state["embeds"], self._embed_tokens(new[:, None])], dim=1)
+                    state["embeds"] = torch.cat([state["embeds"], self.graphs.embed_tokens(new[:, None])], dim=1)
             if state["tokens"] is not None:
-                self._check_context_length(state["tokens"])
-                graph = self.graph_for(self._current_spec())  # run compiled when the model is (model.compile())
-                return self.run_graph(graph, state["tokens"], state["mask"])[:, -1]
+                check_context_length(self.cfg, state["tokens"].shape[-1])
+                entry = self.graphs.forward(self.decoder.spec())  # run compiled when the model is (model.compile())
+                return self.graphs.run(entry, state["tokens"], state["mask"])[:, -1]
             ids = self._shape_ids(_Prompt(None, state["embeds"], state["mask"], "embeds"))
-            return self._run_growing(self.init_kv_cache(b), ids, state["mask"], state["embeds"])[:, -1]
+            return self.decoder.run_growing(self.decoder.init_kv_cache(b), ids, state["mask"], state["embeds"])[:, -1]
         return run
 
     @staticmethod
@@ -216,7 +226,7 @@ class GenerationMixin(DecodeGraphsMixin):
         if return_type == "tokens":
             return output_tokens
         if return_type == "embeds":
-            return embeds if embeds is not None else self._embed_tokens(output_tokens)
+            return embeds if embeds is not None else self.graphs.embed_tokens(output_tokens)
         texts = [self.tokenizer.decode(row, skip_special_tokens=True) for row in output_tokens.tolist()]
         return texts[0] if len(texts) == 1 else texts
 
@@ -271,7 +281,7 @@ class GenerationMixin(DecodeGraphsMixin):
             tokens = new if prompt.tokens is None else torch.cat([prompt.tokens, new], dim=1)
             embeds = None
             if return_type == "embeds" and prompt.embeds is not None:
-                embeds = torch.cat([prompt.embeds, self._embed_tokens(new)], dim=1)
+                embeds = torch.cat([prompt.embeds, self.graphs.embed_tokens(new)], dim=1)
             result = self._format_output(tokens, return_type, embeds)
         if output_logits:
             from transformers.generation.utils import GenerateDecoderOnlyOutput

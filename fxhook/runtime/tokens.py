@@ -16,10 +16,12 @@ positions never change earlier ones) and, as in TransformerLens, gets none.
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 import numpy as np
 import torch
+
+from fxhook.config import HookedTransformerConfig
 
 TokensLike = Union[torch.Tensor, np.ndarray, Sequence[int], int]
 _SIDES = ("left", "right")
@@ -40,10 +42,13 @@ def _as_token_tensor(tokens: TokensLike) -> torch.Tensor:
 
 
 class TokenizerMixin:
-    """to_tokens, to_string, to_str_tokens, ... for HookedTransformer."""
+    """to_tokens, to_string, to_str_tokens, ... for HookedTransformer.
 
-    tokenizer = None
-    cfg = None
+    Reads only the model's `cfg` and `tokenizer` (declared here) and its own methods.
+    """
+
+    tokenizer: Any = None
+    cfg: HookedTransformerConfig | None = None
 
     # ---------------------------------------------------------------- setting the tokenizer
     def set_tokenizer(self, tokenizer, default_padding_side: str | None = None) -> None:

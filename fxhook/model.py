@@ -8,20 +8,21 @@ import torch
 from torch import fx, nn
 
 from fxhook.adapter import Adapter
-from fxhook.compiler import GraphSpec, build_variant, capture_graph
 from fxhook.config import HookedTransformerConfig
-from fxhook.datasets import DatasetMixin
-from fxhook.core.graph import hook_point_nodes
-from fxhook.passes.expose_activations import ACTIVATION_NAMES
-from fxhook.runtime.cache import ActivationCache
-from fxhook.runtime.compiled import CompileMixin
-from fxhook.runtime.generate import GenerationMixin
+from fxhook.core import hook_names
 from fxhook.core.hook_point import HookPoint
+from fxhook.datasets import DatasetMixin
+from fxhook.pipeline import ACTIVATION_NAMES, DecodeKind, GraphSpec
+from fxhook.analysis.cache import ActivationCache
+from fxhook.runtime.decode import Decoder, check_context_length
+from fxhook.runtime.generate import GenerationMixin
+from fxhook.runtime.graphs import CompileOptions, GraphStore
 from fxhook.runtime.hooks import HookRegistry, HookSpec, NameOrFilter
+from fxhook.runtime.kv_cache import KVCache, StaticKVCache
 from fxhook.runtime.loading import LoadingMixin
+from fxhook.runtime.loss import lm_cross_entropy_loss
 from fxhook.runtime.tokens import TokenizerMixin
 from fxhook.runtime.views import WeightViewsMixin
-from fxhook.utils import lm_cross_entropy_loss
 
 ModelInput = Union[str, list[str], torch.Tensor]
 ReturnType = Literal["logits", "loss", "both"] | None
@@ -42,9 +43,13 @@ class Output(tuple):
         return self[1]
 
 
-class HookedTransformer(LoadingMixin, TokenizerMixin, WeightViewsMixin, GenerationMixin, CompileMixin, DatasetMixin,
-                        nn.Module):
-    """A HF causal LM behind the TransformerLens HookedTransformer interface."""
+class HookedTransformer(LoadingMixin, TokenizerMixin, WeightViewsMixin, GenerationMixin, DatasetMixin, nn.Module):
+    """A HF causal LM behind the TransformerLens HookedTransformer interface.
+
+    Its state lives in owned collaborators with declared interfaces: `graphs` (GraphStore: every graph,
+    its compiled code, the hook points), `hook_registry` (attaching hooks by name), `decoder` (decode
+    steps over a KV cache). A call's request and result travel in arguments and return values.
+    """
 
     def __init__(self, cfg: HookedTransformerConfig, *, hf_model: nn.Module | None = None,
                  tokenizer=None, adapter: Adapter | None = None, processing: dict[str, bool] | None = None):
@@ -67,53 +72,24 @@ class HookedTransformer(LoadingMixin, TokenizerMixin, WeightViewsMixin, Generati
             from fxhook.processing import process_hf_weights
 
             process_hf_weights(hf_model, adapter, cfg, **processing)
-        self.captured = capture_graph(hf_model, adapter, cfg)
-        self.__dict__["_captured_ungrouped"] = None
-        self._points: dict[str, HookPoint] = {}
-        self._variants: dict[GraphSpec, fx.GraphModule] = {}
+        self.__dict__["graphs"] = GraphStore(hf_model, adapter, cfg)
+        self.__dict__["decoder"] = Decoder(self.graphs, cfg)
+        self.captured = self.graphs.captured()  # registered: its parameters are the model's
         self.hook_registry = HookRegistry(lambda: self.hook_dict)
         self._set_tokenizer_defaults()
 
     # ----------------------------------------------------------------- graphs
-    def _make_point(self, name: str) -> HookPoint:
-        if name not in self._points:
-            self._points[name] = HookPoint(name)
-        return self._points[name]
-
     def graph_for(self, spec: GraphSpec) -> fx.GraphModule:
-        """The hooked GraphModule for `spec`, built once and reused."""
-        if spec not in self._variants:
-            gm = build_variant(self._captured_for(spec), spec, self.cfg, self.adapter, self._make_point)
-            if spec.live_hooks is not None:
-                self._remember_pruned(spec, gm)
-            else:
-                self._variants[spec] = gm
-        return self._variants[spec]
+        """The hooked GraphModule for `spec`, built once and reused (GraphStore decides for how long)."""
+        return self.graphs.forward(spec).gm
 
-    _MAX_PRUNED_VARIANTS = 16
-
-    def _remember_pruned(self, key, gm: fx.GraphModule) -> None:
-        """Keep pruned graphs for the most recent hook sets only (a new set costs one cheap pass)."""
-        order = self.__dict__.setdefault("_pruned_order", [])
-        order.append(key)
-        if len(order) > self._MAX_PRUNED_VARIANTS:
-            self._variants.pop(order.pop(0), None)
-        self._variants[key] = gm
+    def decode_graph_for(self, spec: GraphSpec, kind: DecodeKind = DecodeKind()) -> fx.GraphModule:
+        """The hooked decode-step graph for `spec` (no layer slicing)."""
+        return self.graphs.decode(spec, kind).gm
 
     def live_hooks(self) -> frozenset[str]:
         """Names of the hook points that have a hook now: the graph that runs keeps only these."""
-        return frozenset(name for name, p in self._points.items() if p.fwd_hooks or p.bwd_hooks)
-
-    def _captured_for(self, spec: GraphSpec) -> fx.GraphModule:
-        if not spec.ungroup_grouped_query_attention or self.cfg.n_kv_heads == self.cfg.n_heads:
-            return self.captured
-        if self._captured_ungrouped is None:
-            from fxhook.capture.ungroup import ungrouped_twin
-
-            twin = ungrouped_twin(self.hf_model, self.adapter, self.cfg.n_heads, self.cfg.n_kv_heads)
-            captured = capture_graph(twin, self.adapter, self.cfg, n_kv_heads=self.cfg.n_heads)
-            self.__dict__["_captured_ungrouped"] = captured
-        return self._captured_ungrouped
+        return self.graphs.live_hooks()
 
     @property
     def graph_module(self) -> fx.GraphModule:
@@ -122,9 +98,8 @@ class HookedTransformer(LoadingMixin, TokenizerMixin, WeightViewsMixin, Generati
 
     def _recapture(self) -> None:
         """Capture the HF model again (after its parameters were replaced); hooks stay attached by name."""
-        self.captured = capture_graph(self.hf_model, self.adapter, self.cfg)
-        self.__dict__["_captured_ungrouped"] = None
-        self._variants.clear()
+        self.graphs.clear()
+        self.captured = self.graphs.captured()
 
     def process_weights_(self, fold_ln: bool = True, center_writing_weights: bool = True,
                          center_unembed: bool = True, fold_value_biases: bool = True,
@@ -157,7 +132,7 @@ class HookedTransformer(LoadingMixin, TokenizerMixin, WeightViewsMixin, Generati
             if key.endswith(ignored):
                 continue
             name = key.replace("._W_", ".W_").replace("._b_", ".b_")
-            if name not in known and not name.split(".")[-1].startswith("b_"):
+            if name not in known and not hook_names.leaf_of(name).startswith("b_"):
                 from fxhook.runtime.hooks import unknown_hook_message
 
                 raise KeyError(unknown_hook_message(name, known).replace("hook point", "weight"))
@@ -168,21 +143,53 @@ class HookedTransformer(LoadingMixin, TokenizerMixin, WeightViewsMixin, Generati
                               refactor_factored_attn_matrices)
 
     def _apply(self, fn, recurse=True):
-        # Variants may hold their own references to lifted constants: rebuild after a move.
-        self._variants.clear()
-        self.__dict__["_captured_ungrouped"] = None
+        # Graphs built from the capture may hold their own references to lifted constants: rebuild them
+        # after a move (the capture itself is a submodule, moved with the model).
         self.hf_model._apply(fn, recurse)  # its buffers are its own; parameters are shared (idempotent)
-        return super()._apply(fn, recurse)
+        result = super()._apply(fn, recurse)
+        self.graphs.clear(keep_capture=True)
+        return result
+
+    # ---------------------------------------------------------------- compile
+    @property
+    def is_compiled(self) -> bool:
+        return self.graphs.compile_options is not None
+
+    @property
+    def compile_options(self) -> CompileOptions | None:
+        """torch.compile's settings the model runs under (None: eager)."""
+        return self.graphs.compile_options
+
+    def compile(self, enabled: bool = True, *, backend: str = "inductor", mode: str | None = None,
+                dynamic: bool = True) -> "HookedTransformer":  # type: ignore[override]
+        """Run forward, run_with_cache, run_with_hooks (and generation) through torch.compile.
+
+        Each hook set compiles once, on its first call (tens of seconds on a CPU for a small model),
+        then runs from the compiled code: with dynamic=True, new batch sizes and lengths do not
+        recompile (batch size 1 is compiled apart, as torch specialises it). `compile(False)` turns
+        compilation off again. `backend` and `mode` are torch.compile's. Returns the model.
+        """
+        self.graphs.compile_options = CompileOptions(backend, mode, dynamic) if enabled else None
+        return self
+
+    def init_kv_cache(self, batch_size: int = 1) -> KVCache:
+        """An empty KV cache for this model under its current flags (`forward(..., past_kv_cache=)`)."""
+        return self.decoder.init_kv_cache(batch_size)
+
+    def init_static_kv_cache(self, batch_size: int, max_len: int) -> StaticKVCache:
+        return self.decoder.init_static_kv_cache(batch_size, max_len)
+
+    def _current_spec(self) -> GraphSpec:
+        return self.decoder.spec()
+
+    def _make_point(self, name: str) -> HookPoint:
+        return self.graphs.make_point(name)
 
     # ------------------------------------------------------------------ hooks
     @property
     def hook_dict(self) -> dict[str, HookPoint]:
         """Every hook point of the model under the current flags, by TransformerLens name."""
-        gm = self.graph_module
-        points = gm.__dict__.get("_fxhook_hook_dict")
-        if points is None:  # once per graph: name lookups (run_with_cache, hooks by name) read it every call
-            points = gm.__dict__["_fxhook_hook_dict"] = {name: gm.get_submodule(name) for name in hook_point_nodes(gm)}
-        return dict(points)
+        return dict(self.graphs.forward(GraphSpec.from_cfg(self.cfg)).hook_dict)
 
     @property
     def mod_dict(self) -> dict[str, nn.Module]:
@@ -202,14 +209,14 @@ class HookedTransformer(LoadingMixin, TokenizerMixin, WeightViewsMixin, Generati
 
     def reset_hooks(self, clear_contexts: bool = True, direction: str = "both",
                     including_permanent: bool = False, level: int | None = None) -> None:
-        self.hook_registry.reset(including_permanent, clear_contexts, all_points=self._points.values())
+        self.hook_registry.reset(including_permanent, clear_contexts, all_points=self.graphs.points.values())
 
     def remove_all_hook_fns(self, direction: str = "both", including_permanent: bool = False,
                             level: int | None = None) -> None:
         self.reset_hooks(False, direction, including_permanent)
 
     def clear_contexts(self) -> None:
-        for point in self._points.values():
+        for point in self.graphs.points.values():
             point.clear_context()
 
     @contextlib.contextmanager
@@ -247,13 +254,7 @@ class HookedTransformer(LoadingMixin, TokenizerMixin, WeightViewsMixin, Generati
         else:
             names = frozenset(name for name in self.hook_dict if selected(name))
             with self.hooks((), (), reset_hooks_end, clear_contexts):
-                self.__dict__["_activation_request"] = names
-                try:
-                    out = self(*model_args, **model_kwargs)
-                    store = self.__dict__.get("_delivered_activations", {})
-                finally:
-                    self.__dict__.pop("_activation_request", None)
-                    self.__dict__.pop("_delivered_activations", None)
+                out, store = self._forward(names, *model_args, **model_kwargs)
             store = {k: (v.detach() if device is None else v.detach().to(device)) for k, v in store.items()}
         cache = ActivationCache(store, self)
         if remove_batch_dim:
@@ -306,9 +307,23 @@ class HookedTransformer(LoadingMixin, TokenizerMixin, WeightViewsMixin, Generati
                 start_at_layer: int | None = None, tokens: torch.Tensor | None = None,
                 stop_at_layer: int | None = None, attention_mask: torch.Tensor | None = None,
                 past_kv_cache=None, shortformer_pos_embed=None):
+        output, _activations = self._forward(frozenset(), input, return_type, loss_per_token, prepend_bos,
+                                             padding_side, start_at_layer, tokens, stop_at_layer, attention_mask,
+                                             past_kv_cache, shortformer_pos_embed)
+        return output
+
+    def _forward(self, keep: frozenset[str], input: ModelInput, return_type: ReturnType = "logits",
+                 loss_per_token: bool = False, prepend_bos: bool | None = None, padding_side: str | None = None,
+                 start_at_layer: int | None = None, tokens: torch.Tensor | None = None,
+                 stop_at_layer: int | None = None, attention_mask: torch.Tensor | None = None,
+                 past_kv_cache=None, shortformer_pos_embed=None) -> tuple[Any, dict[str, torch.Tensor]]:
+        """forward's output and the activations of the hook points in `keep` (the call's whole state:
+        nothing about it is left on the model)."""
         if past_kv_cache is not None:  # the decode graph, reading and extending the cache (runtime/generate.py)
+            if keep:
+                raise ValueError("past_kv_cache keeps activations through hooks, not graph outputs")
             return self._forward_with_cache(input, past_kv_cache, return_type, loss_per_token, prepend_bos,
-                                            padding_side, attention_mask, start_at_layer, stop_at_layer)
+                                            padding_side, attention_mask, start_at_layer, stop_at_layer), {}
         start, stop = self._layer_range(start_at_layer, stop_at_layer)
         loss_tokens = tokens  # with start_at_layer, a loss needs the real tokens passed as tokens=
         if start is None:
@@ -320,17 +335,37 @@ class HookedTransformer(LoadingMixin, TokenizerMixin, WeightViewsMixin, Generati
                 tokens = torch.zeros(residual.shape[:2], dtype=torch.long, device=residual.device)
             if attention_mask is None:
                 attention_mask = torch.ones(residual.shape[:2], dtype=torch.long, device=residual.device)
-        self._check_context_length(tokens)
-        requested = self.__dict__.get("_activation_request", frozenset())
-        gm = self.graph_for(GraphSpec.from_cfg(self.cfg, start, stop, self.live_hooks(), requested))
+        check_context_length(self.cfg, tokens.shape[-1])
+        entry = self.graphs.forward(GraphSpec.from_cfg(self.cfg, start, stop, self.live_hooks(), keep))
         args = (tokens, attention_mask) if residual is None else (tokens, attention_mask, residual)
-        out = self.run_graph(gm, *args)
-        if requested:
-            out, activations = out
-            self.__dict__["_delivered_activations"] = dict(zip(gm.meta[ACTIVATION_NAMES], activations))
+        out = self.graphs.run(entry, *args)
+        activations: dict[str, torch.Tensor] = {}
+        if keep:
+            out, values = out
+            activations = dict(zip(entry.gm.meta[ACTIVATION_NAMES], values))
         if stop is not None:
-            return out  # the residual stream entering block `stop`, whatever return_type says (as TL)
-        return self._shaped_output(out, loss_tokens, attention_mask, return_type, loss_per_token)
+            return out, activations  # the residual stream entering block `stop`, whatever return_type says (TL)
+        return self._shaped_output(out, loss_tokens, attention_mask, return_type, loss_per_token), activations
+
+    def _forward_with_cache(self, input, cache: KVCache, return_type, loss_per_token, prepend_bos, padding_side,
+                            attention_mask, start_at_layer, stop_at_layer):
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"past_kv_cache must be a fxhook KVCache (model.init_kv_cache(batch_size)), "
+                            f"got {type(cache).__name__}")
+        if start_at_layer is not None or stop_at_layer is not None:
+            raise NotImplementedError("past_kv_cache with start_at_layer / stop_at_layer is not supported")
+        if (cache.past_length > 0 and attention_mask is None and isinstance(input, torch.Tensor)
+                and input.dtype in (torch.long, torch.int, torch.int32)):
+            tokens = input[None] if input.dim() == 1 else input
+            tokens = tokens.to(cache.attention_mask.device)
+            attention_mask = torch.ones_like(tokens)  # a continuation has no leading padding
+        else:
+            tokens, attention_mask = self.input_to_tokens(input, prepend_bos, padding_side, attention_mask)
+        if tokens.shape[0] != cache.batch_size:
+            raise ValueError(f"the input has batch size {tokens.shape[0]} but the cache was made for "
+                             f"{cache.batch_size}")
+        logits = self.decoder.run_growing(cache, tokens, attention_mask)
+        return self._shaped_output(logits, tokens, attention_mask, return_type, loss_per_token)
 
     def _shaped_output(self, logits: torch.Tensor, tokens: torch.Tensor | None, attention_mask: torch.Tensor,
                        return_type: ReturnType, loss_per_token: bool):
@@ -362,12 +397,6 @@ class HookedTransformer(LoadingMixin, TokenizerMixin, WeightViewsMixin, Generati
             if not 0 <= stop <= n:
                 raise ValueError(f"stop_at_layer must be in [-{n}, {n}], got {stop}")
         return start, stop
-
-    def _check_context_length(self, tokens: torch.Tensor) -> None:
-        if tokens.shape[-1] > self.cfg.n_ctx:
-            raise ValueError(f"the input has {tokens.shape[-1]} positions but the model's context is "
-                             f"n_ctx={self.cfg.n_ctx}; shorten the prompt (or truncate it, e.g. "
-                             f"tokens[:, -{self.cfg.n_ctx}:])")
 
     # ---------------------------------------------------------------- devices
     def to(self, *args, print_details: bool = False, **kwargs) -> "HookedTransformer":  # type: ignore[override]

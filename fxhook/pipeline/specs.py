@@ -1,0 +1,47 @@
+"""What a graph computes: the keys the runtime asks the pipeline for graphs by."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fxhook.config import HookedTransformerConfig
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One forward (or decode-step) graph variant: which flag-gated hooks exist, which layers run,
+    which hook points stay in the graph and which activations it returns."""
+
+    use_attn_result: bool = False
+    use_split_qkv_input: bool = False
+    use_attn_in: bool = False
+    use_hook_mlp_in: bool = False
+    ungroup_grouped_query_attention: bool = False
+    start_at_layer: int | None = None
+    stop_at_layer: int | None = None
+    live_hooks: frozenset[str] | None = None  # keep only these hook points (None: keep all)
+    outputs: frozenset[str] = frozenset()  # activations returned as extra outputs (needs live_hooks)
+
+    @classmethod
+    def from_cfg(cls, cfg: HookedTransformerConfig, start: int | None = None, stop: int | None = None,
+                 live_hooks: frozenset[str] | None = None, outputs: frozenset[str] = frozenset()
+                 ) -> "GraphSpec":
+        return cls(cfg.use_attn_result, cfg.use_split_qkv_input, cfg.use_attn_in, cfg.use_hook_mlp_in,
+                   cfg.ungroup_grouped_query_attention, start, stop, live_hooks, outputs)
+
+    @property
+    def wanted_hooks(self) -> frozenset[str] | None:
+        """Every hook point this graph must expose (None: all of them)."""
+        return None if self.live_hooks is None else self.live_hooks | self.outputs
+
+    @property
+    def pruned(self) -> bool:
+        """A graph for one hook set (the runtime keeps a bounded number of these)."""
+        return self.live_hooks is not None
+
+
+@dataclass(frozen=True)
+class DecodeKind:
+    """Which decode graph: static (preallocated cache, compiled decode) and/or fed with embeddings."""
+
+    static: bool = False
+    embeds: bool = False

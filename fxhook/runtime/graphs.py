@@ -1,0 +1,161 @@
+"""GraphStore: every graph of one model, its compiled code, its hook points and their eviction.
+
+The pipeline builds graphs (fxhook/pipeline); this store decides which to keep. Captures and the
+graphs of each flag combination are kept until the weights are replaced; graphs for one hook set
+(`GraphSpec.live_hooks` set) are kept for the `max_variants` most recently used sets and dropped
+beyond that, with their compiled code. HookPoints are shared by name across every graph, so a hook
+attached by name is live in whichever graph runs.
+"""
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import fx, nn
+
+from fxhook import pipeline
+from fxhook.adapter import Adapter, get_module
+from fxhook.config import HookedTransformerConfig
+from fxhook.core.graph import hook_point_nodes
+from fxhook.core.hook_point import HookPoint
+from fxhook.pipeline import DecodeKind, GraphSpec
+
+DEFAULT_MAX_VARIANTS = 16
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    backend: str = "inductor"
+    mode: str | None = None
+    dynamic: bool | None = True
+
+
+@dataclass(eq=False)
+class GraphEntry:
+    """A built graph and what is made from it on demand: its hook points by name, compiled code."""
+
+    gm: fx.GraphModule
+    _hook_dict: dict[str, HookPoint] | None = None
+    compiled: dict[CompileOptions, Callable] = field(default_factory=dict)
+    precompiled: Any = None  # runtime/precompiled.PrecompiledStep for hook-free static decode graphs
+
+    @property
+    def hook_dict(self) -> dict[str, HookPoint]:
+        if self._hook_dict is None:
+            self._hook_dict = {name: self.gm.get_submodule(name) for name in hook_point_nodes(self.gm)}
+        return self._hook_dict
+
+    def compiled_with(self, options: CompileOptions) -> Callable:
+        """torch.compile of this graph under `options`, made once."""
+        if options not in self.compiled:
+            self.compiled[options] = torch.compile(self.gm, backend=options.backend, mode=options.mode,
+                                                   dynamic=options.dynamic)
+        return self.compiled[options]
+
+
+class GraphStore:
+    """The graphs of one HF model under one adapter and config."""
+
+    def __init__(self, hf_model: nn.Module, adapter: Adapter, cfg: HookedTransformerConfig,
+                 max_variants: int = DEFAULT_MAX_VARIANTS):
+        self.hf_model = hf_model
+        self.adapter = adapter
+        self.cfg = cfg
+        self.max_variants = max_variants
+        self.points: dict[str, HookPoint] = {}
+        self._captured: dict[bool, fx.GraphModule] = {}  # ungrouped? -> captured forward graph
+        self._decode_captured: dict[bool, fx.GraphModule] = {}
+        self._decode_steps: dict[tuple[bool, DecodeKind], fx.GraphModule] = {}
+        self._kept: dict[tuple, GraphEntry] = {}  # graphs of whole flag combinations
+        self._recent: collections.OrderedDict[tuple, GraphEntry] = collections.OrderedDict()  # per hook set
+        self.built = 0  # graphs built since creation (tests and benchmarks read it)
+        self.compile_options: CompileOptions | None = None  # None: graphs run eagerly
+
+    # ------------------------------------------------------------------ hook points
+    def make_point(self, name: str) -> HookPoint:
+        """The model's one HookPoint of this name (made on first use, shared by every graph)."""
+        if name not in self.points:
+            self.points[name] = HookPoint(name)
+        return self.points[name]
+
+    def live_hooks(self) -> frozenset[str]:
+        """Names of the hook points that have a hook now: the graph that runs keeps only these."""
+        return frozenset(name for name, p in self.points.items() if p.fwd_hooks or p.bwd_hooks)
+
+    # ------------------------------------------------------------------ captures
+    def _ungrouped(self, spec: GraphSpec) -> bool:
+        return spec.ungroup_grouped_query_attention and self.cfg.n_kv_heads != self.cfg.n_heads
+
+    def captured(self, ungrouped: bool = False) -> fx.GraphModule:
+        """The captured forward graph (markers, opaque attention), captured once."""
+        if ungrouped not in self._captured:
+            self._captured[ungrouped] = pipeline.capture_forward(self.hf_model, self.adapter, self.cfg, ungrouped)
+        return self._captured[ungrouped]
+
+    def decode_step(self, ungrouped: bool, kind: DecodeKind) -> fx.GraphModule:
+        """The decode step with its cache lowered and verified, before hook points."""
+        key = (ungrouped, kind)
+        if key not in self._decode_steps:
+            if ungrouped not in self._decode_captured:
+                self._decode_captured[ungrouped] = pipeline.capture_decode(self.hf_model, self.adapter, self.cfg,
+                                                                           ungrouped)
+            embed = self.embed_tokens if kind.embeds else None
+            self._decode_steps[key] = pipeline.build_decode_step(
+                self._decode_captured[ungrouped], kind, self.captured(ungrouped), self.cfg, ungrouped, embed)
+        return self._decode_steps[key]
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [b, p, d_model] as hook_embed sees them (before positional embeddings)."""
+        return get_module(self.hf_model, self.adapter.embed)(tokens)
+
+    # ------------------------------------------------------------------ graphs
+    def _entry(self, key: tuple, pruned: bool, build: Callable[[], fx.GraphModule]) -> GraphEntry:
+        if key in self._kept:
+            return self._kept[key]
+        if key in self._recent:
+            self._recent.move_to_end(key)
+            return self._recent[key]
+        entry = GraphEntry(build())
+        self.built += 1
+        if not pruned:
+            self._kept[key] = entry
+        else:
+            self._recent[key] = entry
+            while len(self._recent) > self.max_variants:
+                self._recent.popitem(last=False)
+        return entry
+
+    def forward(self, spec: GraphSpec) -> GraphEntry:
+        """The hooked forward graph for `spec`."""
+        return self._entry(("forward", spec), spec.pruned, lambda: pipeline.build_forward(
+            self.captured(self._ungrouped(spec)), spec, self.cfg, self.adapter, self.make_point))
+
+    def decode(self, spec: GraphSpec, kind: DecodeKind = DecodeKind()) -> GraphEntry:
+        """The hooked decode-step graph for `spec` (no layer slicing)."""
+        def build() -> fx.GraphModule:
+            step = self.decode_step(self._ungrouped(spec), kind)
+            return pipeline.build_decode(step, spec, kind, self.cfg, self.adapter, self.make_point)
+        return self._entry(("decode", spec, kind), spec.pruned, build)
+
+    def run(self, entry: GraphEntry, *args: torch.Tensor) -> Any:
+        """The graph on `args`, through torch.compile when the model is compiled."""
+        if self.compile_options is None:
+            return entry.gm(*args)
+        return entry.compiled_with(self.compile_options)(*args)
+
+    def clear(self, keep_capture: bool = False) -> None:
+        """Forget every graph (the weights were replaced or moved): the next request captures again,
+        or with `keep_capture` builds again from the (moved) forward capture. Hook points, and the hooks
+        on them, stay."""
+        kept = {False: self._captured[False]} if keep_capture and False in self._captured else {}
+        self._captured.clear()
+        self._captured.update(kept)
+        self._decode_captured.clear()
+        self._decode_steps.clear()
+        self._kept.clear()
+        self._recent.clear()
+
+    def __len__(self) -> int:
+        return len(self._kept) + len(self._recent)
