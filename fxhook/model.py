@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Callable, Iterator, Literal, Sequence, Union
 
 import torch
@@ -15,13 +16,13 @@ from fxhook.datasets import DatasetMixin
 from fxhook.pipeline import ACTIVATION_NAMES, DecodeKind, GraphSpec
 from fxhook.analysis.cache import ActivationCache
 from fxhook.runtime.decode import Decoder, check_context_length
-from fxhook.runtime.generate import GenerationMixin
+from fxhook.runtime.generate import Generator
 from fxhook.runtime.graphs import CompileOptions, GraphStore
 from fxhook.runtime.hooks import HookRegistry, HookSpec, NameOrFilter
 from fxhook.runtime.kv_cache import KVCache, StaticKVCache
 from fxhook.runtime.loading import LoadingMixin
 from fxhook.runtime.loss import lm_cross_entropy_loss
-from fxhook.runtime.tokens import TokenizerMixin
+from fxhook.runtime.tokens import TextCodec
 from fxhook.runtime.views import WeightViewsMixin
 
 ModelInput = Union[str, list[str], torch.Tensor]
@@ -43,7 +44,18 @@ class Output(tuple):
         return self[1]
 
 
-class HookedTransformer(LoadingMixin, TokenizerMixin, WeightViewsMixin, GenerationMixin, DatasetMixin, nn.Module):
+def _delegate(collaborator: str, method: Callable) -> Callable:
+    """A HookedTransformer method that calls `method` on the model's `collaborator` (same name, signature
+    and docstring, so help() and TransformerLens-style calls see the collaborator's)."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    def delegate(self, *args, **kwargs):
+        return getattr(getattr(self, collaborator), name)(*args, **kwargs)
+    return delegate
+
+
+class HookedTransformer(LoadingMixin, WeightViewsMixin, DatasetMixin, nn.Module):
     """A HF causal LM behind the TransformerLens HookedTransformer interface.
 
     Its state lives in owned collaborators with declared interfaces: `graphs` (GraphStore: every graph,
@@ -66,7 +78,6 @@ class HookedTransformer(LoadingMixin, TokenizerMixin, WeightViewsMixin, Generati
             adapter = find_adapter(hf_model)
         self.cfg = cfg
         self.adapter = adapter
-        self.tokenizer = tokenizer
         self.__dict__["hf_model"] = hf_model  # kept unregistered: the graph holds its parameters
         if processing:
             from fxhook.processing import process_hf_weights
@@ -74,9 +85,33 @@ class HookedTransformer(LoadingMixin, TokenizerMixin, WeightViewsMixin, Generati
             process_hf_weights(hf_model, adapter, cfg, **processing)
         self.__dict__["graphs"] = GraphStore(hf_model, adapter, cfg)
         self.__dict__["decoder"] = Decoder(self.graphs, cfg)
+        self.__dict__["codec"] = TextCodec(cfg, tokenizer)
+        self.__dict__["generator"] = Generator(cfg, self.graphs, self.decoder, self.codec)
         self.captured = self.graphs.captured()  # registered: its parameters are the model's
         self.hook_registry = HookRegistry(lambda: self.hook_dict)
-        self._set_tokenizer_defaults()
+
+    # ----------------------------------------------------------------- text and generation (delegates)
+    @property
+    def tokenizer(self):
+        """The HF tokenizer text goes through (None: token ids only)."""
+        return self.codec.tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer) -> None:
+        self.codec.tokenizer = tokenizer
+        self.codec._set_tokenizer_defaults()
+
+    set_tokenizer = _delegate("codec", TextCodec.set_tokenizer)
+    to_tokens = _delegate("codec", TextCodec.to_tokens)
+    input_to_tokens = _delegate("codec", TextCodec.input_to_tokens)
+    default_attention_mask = _delegate("codec", TextCodec.default_attention_mask)
+    to_string = _delegate("codec", TextCodec.to_string)
+    to_str_tokens = _delegate("codec", TextCodec.to_str_tokens)
+    to_single_token = _delegate("codec", TextCodec.to_single_token)
+    to_single_str_token = _delegate("codec", TextCodec.to_single_str_token)
+    get_token_position = _delegate("codec", TextCodec.get_token_position)
+    generate = _delegate("generator", Generator.generate)
+    generate_stream = _delegate("generator", Generator.generate_stream)
 
     # ----------------------------------------------------------------- graphs
     def graph_for(self, spec: GraphSpec) -> fx.GraphModule:

@@ -363,7 +363,7 @@ def smollm2(smollm2_raw):
 def test_smollm2_batched_text_greedy_equals_hf_generate(smollm2):
     model = smollm2
     prompts = ["The capital of France is", "def fibonacci(n):\n    if n < 2:"]
-    tokens, mask = model._tokenize(prompts, None, "left")
+    tokens, mask = model.codec._tokenize(prompts, None, "left")
     expected = hf_greedy(model.hf_model, tokens, mask, 20)
     out = model.generate(prompts, max_new_tokens=20, do_sample=False, stop_at_eos=False, verbose=False,
                          return_type="tokens")

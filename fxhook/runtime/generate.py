@@ -26,6 +26,7 @@ import tqdm
 from fxhook.config import HookedTransformerConfig
 from fxhook.runtime.decode import Decoder, check_context_length
 from fxhook.runtime.graphs import GraphStore
+from fxhook.runtime.tokens import TextCodec
 from fxhook.runtime.kv_cache import StaticKVCache
 from fxhook.runtime.sampling import sample_logits
 
@@ -49,23 +50,23 @@ class _Prompt:
         return self.mask.shape[1]
 
 
-class GenerationMixin:
-    """generate and generate_stream for HookedTransformer: the step loop over `self.decoder` (runtime/decode.py)
-    and the tokenizer methods, with sampling from runtime/sampling.py.
+class Generator:
+    """generate and generate_stream (HookedTransformer's methods of these names delegate here): the step
+    loop over the decoder's KV cache (runtime/decode.py), text through the codec (runtime/tokens.py),
+    sampling from runtime/sampling.py."""
 
-    Reads the model's declared collaborators below and the tokenizer methods (runtime/tokens.py)."""
-
-    cfg: HookedTransformerConfig
-    tokenizer: Any
-    graphs: GraphStore
-    decoder: Decoder
+    def __init__(self, cfg: HookedTransformerConfig, graphs: GraphStore, decoder: Decoder, codec: TextCodec):
+        self.cfg = cfg
+        self.graphs = graphs
+        self.decoder = decoder
+        self.codec = codec
 
     # ------------------------------------------------------------ inputs
     def _generation_input(self, input, prepend_bos, padding_side, attention_mask=None) -> _Prompt:
         if isinstance(input, str) or (isinstance(input, list) and input and all(isinstance(s, str) for s in input)):
             side = "left" if isinstance(input, list) and len(input) > 1 else padding_side
-            tokens, mask = self._tokenize(input, prepend_bos, side)
-            if self._padding_side(side) != "left":
+            tokens, mask = self.codec._tokenize(input, prepend_bos, side)
+            if self.codec._padding_side(side) != "left":
                 mask = torch.ones_like(tokens)
             prompt = _Prompt(tokens, None, mask, "str")
         elif isinstance(input, torch.Tensor) and input.is_floating_point():
@@ -78,12 +79,12 @@ class GenerationMixin:
             if tokens.dim() != 2:
                 raise ValueError(f"token input must have shape [batch, pos], got {tuple(input.shape)}")
             mask = (self._checked_mask(attention_mask, tokens.shape) if attention_mask is not None
-                    else self.default_attention_mask(tokens, prepend_bos, padding_side))
+                    else self.codec.default_attention_mask(tokens, prepend_bos, padding_side))
             prompt = _Prompt(tokens, None, mask, "tokens")
         else:
             raise TypeError(f"generate takes a string, a list of strings, tokens [batch, pos] or embeddings "
                             f"[batch, pos, d_model], got {type(input).__name__}")
-        param = next(self.parameters())
+        param = next(self.graphs.hf_model.parameters())
         prompt.mask = prompt.mask.to(param.device)
         if prompt.tokens is not None:
             prompt.tokens = prompt.tokens.to(param.device)
@@ -104,7 +105,7 @@ class GenerationMixin:
     def _stop_tokens(self, stop_at_eos: bool, eos_token_id) -> tuple[list[int], int]:
         if not stop_at_eos:
             return [], 0
-        tok_eos = getattr(self.tokenizer, "eos_token_id", None)
+        tok_eos = getattr(self.codec.tokenizer, "eos_token_id", None)
         if eos_token_id is None:
             if tok_eos is None:
                 raise ValueError("stop_at_eos=True needs an EOS token: pass eos_token_id= (an int or a list of "
@@ -120,7 +121,7 @@ class GenerationMixin:
 
     def _use_compiled_decode(self, use_compiled_decode: bool | None, use_past_kv_cache: bool) -> bool:
         if use_compiled_decode is None:  # follow the model's compile setting (model.compile())
-            return self.is_compiled and use_past_kv_cache
+            return self.graphs.compile_options is not None and use_past_kv_cache
         if use_compiled_decode and not use_past_kv_cache:
             raise ValueError("compiled decode runs over a static KV cache: it needs use_past_kv_cache=True "
                              "(or pass use_compiled_decode=False)")
@@ -216,7 +217,7 @@ class GenerationMixin:
             raise ValueError(f"return_type must be one of {_RETURN_TYPES}, got {return_type!r}")
         if return_type == "input":
             return_type = {"str": "str", "tokens": "tokens", "embeds": "embeds"}[kind]
-        if return_type == "str" and self.tokenizer is None:
+        if return_type == "str" and self.codec.tokenizer is None:
             what = "the new tokens of an embeddings input" if kind == "embeds" else "the output"
             raise ValueError(f"return_type='str' needs a tokenizer to decode {what}, and this model has none: "
                              f"set one with model.set_tokenizer(...) or use return_type='tokens'")
@@ -227,7 +228,7 @@ class GenerationMixin:
             return output_tokens
         if return_type == "embeds":
             return embeds if embeds is not None else self.graphs.embed_tokens(output_tokens)
-        texts = [self.tokenizer.decode(row, skip_special_tokens=True) for row in output_tokens.tolist()]
+        texts = [self.codec.tokenizer.decode(row, skip_special_tokens=True) for row in output_tokens.tolist()]
         return texts[0] if len(texts) == 1 else texts
 
     @staticmethod

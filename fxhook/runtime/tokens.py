@@ -41,14 +41,16 @@ def _as_token_tensor(tokens: TokensLike) -> torch.Tensor:
     raise TypeError(f"expected token ids (a tensor, numpy array, int or list of ints), got {type(tokens).__name__}")
 
 
-class TokenizerMixin:
-    """to_tokens, to_string, to_str_tokens, ... for HookedTransformer.
+class TextCodec:
+    """Text <-> tokens for one model: to_tokens, to_string, to_str_tokens, ... (HookedTransformer's
+    methods of these names delegate here). Holds the tokenizer; reads the model's config for its
+    defaults (default_prepend_bos, default_padding_side, n_ctx) and records what it learns there
+    (tokenizer_prepends_bos, tokenizer_name)."""
 
-    Reads only the model's `cfg` and `tokenizer` (declared here) and its own methods.
-    """
-
-    tokenizer: Any = None
-    cfg: HookedTransformerConfig | None = None
+    def __init__(self, cfg: HookedTransformerConfig, tokenizer: Any = None):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self._set_tokenizer_defaults()
 
     # ---------------------------------------------------------------- setting the tokenizer
     def set_tokenizer(self, tokenizer, default_padding_side: str | None = None) -> None:
