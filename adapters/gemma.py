@@ -3,4 +3,5 @@ from dataclasses import replace
 
 from adapters.llama import LLAMA
 
-GEMMA = replace(LLAMA, architectures=("GemmaForCausalLM",), norm_kind="rmsnorm_plus_one", scaled_embedding=True)
+GEMMA = replace(LLAMA, architectures=("GemmaForCausalLM",), norms=replace(LLAMA.norms, kind="rmsnorm_plus_one"),
+                scaled_embedding=True)

@@ -8,7 +8,6 @@ from adapters.gemma import GEMMA
 GEMMA2 = replace(
     GEMMA,
     architectures=("Gemma2ForCausalLM",),
-    ln2="pre_feedforward_layernorm",
-    ln1_post="post_attention_layernorm",
-    ln2_post="post_feedforward_layernorm",
+    norms=replace(GEMMA.norms, ln2="pre_feedforward_layernorm", ln1_post="post_attention_layernorm",
+                  ln2_post="post_feedforward_layernorm"),
 )

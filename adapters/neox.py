@@ -2,7 +2,7 @@
 parallel attention and MLP (each with its own norm) unless use_parallel_residual is False."""
 import dataclasses
 
-from fxhook.adapter import Adapter, Site
+from fxhook.adapter import Adapter, Attention, FeedForward, Norms, Positions, Site
 from fxhook.weights import Projection
 
 
@@ -11,29 +11,33 @@ def _for_config(hf_config) -> Adapter:
                                for_config=None)
 
 
+# q, k, v: chunks of the fused query_key_value output, laid out [heads, (q k v), d_head]
+_QKV = dict(n_chunks=3, interleaved=True)
+
 NEOX = Adapter(
     architectures=("GPTNeoXForCausalLM",),
     embed="gpt_neox.embed_in",
     blocks="gpt_neox.layers",
     final_norm="gpt_neox.final_layer_norm",
     unembed="lm_head",
-    ln1="input_layernorm",
-    attn="attention",
-    ln2="post_attention_layernorm",
-    mlp="mlp",
-    norm_kind="layernorm",
-    positional="rotary",
+    positions=Positions("rotary"),
+    norms=Norms("layernorm", ln1="input_layernorm", ln2="post_attention_layernorm"),
+    attention=Attention(
+        "attention",
+        q_site=Site("attention.query_key_value", chunk=0, **_QKV),  # pre-rotary q and k
+        k_site=Site("attention.query_key_value", chunk=1, **_QKV),
+        q_proj=Projection("attention.query_key_value", chunk=0, **_QKV),
+        k_proj=Projection("attention.query_key_value", chunk=1, **_QKV),
+        v_proj=Projection("attention.query_key_value", chunk=2, **_QKV),
+        o_proj=Projection("attention.dense"),
+    ),
+    feed_forward=FeedForward(
+        "mlp",
+        pre_site=Site("mlp.dense_h_to_4h"),
+        post_site=Site("mlp.dense_4h_to_h", side="input"),
+        in_proj=Projection("mlp.dense_h_to_4h"),
+        out_proj=Projection("mlp.dense_4h_to_h"),
+    ),
     parallel_attn_mlp=True,
-    # pre-rotary q and k: chunks of the fused output, laid out [heads, (q k v), d_head]
-    q_site=Site("attention.query_key_value", chunk=0, n_chunks=3, interleaved=True),
-    k_site=Site("attention.query_key_value", chunk=1, n_chunks=3, interleaved=True),
-    mlp_pre=Site("mlp.dense_h_to_4h"),
-    mlp_post=Site("mlp.dense_4h_to_h", side="input"),
-    q_proj=Projection("attention.query_key_value", chunk=0, n_chunks=3, interleaved=True),
-    k_proj=Projection("attention.query_key_value", chunk=1, n_chunks=3, interleaved=True),
-    v_proj=Projection("attention.query_key_value", chunk=2, n_chunks=3, interleaved=True),
-    o_proj=Projection("attention.dense"),
-    mlp_in=Projection("mlp.dense_h_to_4h"),
-    mlp_out=Projection("mlp.dense_4h_to_h"),
     for_config=_for_config,
 )

@@ -7,9 +7,6 @@ from adapters.llama import LLAMA
 OLMO2 = replace(
     LLAMA,
     architectures=("Olmo2ForCausalLM",),
-    ln1="post_attention_layernorm",
-    ln2="post_feedforward_layernorm",
-    post_norm=True,
-    q_norm="self_attn.q_norm",
-    k_norm="self_attn.k_norm",
+    norms=replace(LLAMA.norms, ln1="post_attention_layernorm", ln2="post_feedforward_layernorm", post_norm=True,
+                  q_norm="self_attn.q_norm", k_norm="self_attn.k_norm"),
 )

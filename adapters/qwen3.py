@@ -3,4 +3,5 @@ from dataclasses import replace
 
 from adapters.llama import LLAMA
 
-QWEN3 = replace(LLAMA, architectures=("Qwen3ForCausalLM",), q_norm="self_attn.q_norm", k_norm="self_attn.k_norm")
+QWEN3 = replace(LLAMA, architectures=("Qwen3ForCausalLM",),
+                norms=replace(LLAMA.norms, q_norm="self_attn.q_norm", k_norm="self_attn.k_norm"))

@@ -24,6 +24,7 @@ from torch import nn
 
 from fxhook.adapter import Adapter
 from fxhook.config import HookedTransformerConfig, config_from_hf
+from fxhook.core.hook_names import leaf_of
 
 INIT_MODES = ("gpt2", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal", "muP")
 
@@ -191,7 +192,7 @@ def init_scale(name: str, shape: torch.Size, mode: str, initializer_range: float
     matrix std 1 / sqrt(fan_in).
     """
     fan_in, fan_out = _fans(shape)
-    leaf = name.rsplit(".", 1)[-1]
+    leaf = leaf_of(name)
     if mode == "gpt2":
         return "normal", initializer_range
     if mode == "xavier_normal":
@@ -213,8 +214,8 @@ def init_scale(name: str, shape: torch.Size, mode: str, initializer_range: float
 
 def init_weights(hf_model: nn.Module, cfg: HookedTransformerConfig, adapter: Adapter | None = None) -> None:
     """Initialise `hf_model` in place as TransformerLens initialises a HookedTransformer built from `cfg`."""
+    from adapters import find_adapter
     from fxhook.processing.weight_dict import live_weights
-    from fxhook.runtime.loading import find_adapter
 
     cfg = as_hooked_config(cfg)
     adapter = adapter or find_adapter(hf_model)
@@ -223,7 +224,7 @@ def init_weights(hf_model: nn.Module, cfg: HookedTransformerConfig, adapter: Ada
     initializer_range = cfg.initializer_range
     if initializer_range < 0:
         initializer_range = 0.8 / math.sqrt(cfg.d_model) if cfg.init_mode == "gpt2" else 1.0
-    neutral = getattr(adapter, "neutral_norm_weight", 1.0)
+    neutral = adapter.neutral_norm_weight
     tied = hf_model.get_submodule(adapter.unembed).weight is hf_model.get_submodule(adapter.embed).weight
 
     if cfg.seed is not None:
@@ -231,7 +232,7 @@ def init_weights(hf_model: nn.Module, cfg: HookedTransformerConfig, adapter: Ada
     touched: set[int] = set()
     with torch.no_grad():
         for name, tensor in live_weights(hf_model, adapter, cfg).items():
-            leaf = name.rsplit(".", 1)[-1]
+            leaf = leaf_of(name)
             touched.add(tensor.untyped_storage().data_ptr())
             if leaf.startswith("W_"):
                 if leaf == "W_U" and tied:
@@ -273,7 +274,7 @@ def build_from_config(cfg: HookedTransformerConfig | Mapping[str, Any]
     then moved to cfg.device (default: CUDA when available, as TransformerLens does) and cfg.dtype.
     The config is completed in place: act_fn, final_rms, original_architecture, n_params, device.
     """
-    from fxhook.runtime.loading import find_adapter
+    from adapters import find_adapter
 
     cfg = as_hooked_config(cfg)
     hf_model = hf_model_from_config(cfg)

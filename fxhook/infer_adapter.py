@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fxhook.adapter import Adapter, NormKind, Site
+from fxhook.adapter import Adapter, Attention, FeedForward, NormKind, Norms, Positions, Site
 from fxhook.weights import Layout, Projection
 
 _Q = ("q_proj", "query", "q", "wq", "query_proj")
@@ -249,18 +249,20 @@ class _Inference:
 
         gated = "gate" in mlp_proj
         adapter = Adapter(
-            architectures=(self.name,),
-            embed=embed, pos_embed=pos_tables[0] if pos_tables else None, blocks=blocks_path,
-            final_norm=final_norm, unembed=unembed, ln1=ln1, attn=attn, ln2=ln2, mlp=mlp,
-            norm_kind=kind, positional="absolute" if pos_tables else "rotary",
+            architectures=(self.name,), embed=embed, blocks=blocks_path, final_norm=final_norm, unembed=unembed,
+            positions=Positions("absolute", pos_embed=pos_tables[0]) if pos_tables else Positions("rotary"),
+            norms=Norms(kind, ln1=ln1, ln2=ln2),
+            attention=Attention(
+                attn, q_site=Site(proj["q"][0], split_heads=True), k_site=Site(proj["k"][0], split_heads=True),
+                q_proj=Projection(*proj["q"]), k_proj=Projection(*proj["k"]), v_proj=Projection(*proj["v"]),
+                o_proj=Projection(*proj["o"])),
+            feed_forward=FeedForward(
+                mlp, pre_site=Site(mlp_proj["gate" if gated else "up"][0]),
+                pre_linear_site=Site(mlp_proj["up"][0]) if gated else None,
+                post_site=Site(mlp_proj["down"][0], side="input"), gated=gated,
+                in_proj=Projection(*mlp_proj["up"]), gate_proj=Projection(*mlp_proj["gate"]) if gated else None,
+                out_proj=Projection(*mlp_proj["down"])),
             parallel_attn_mlp=parallel,
-            q_site=Site(proj["q"][0], split_heads=True), k_site=Site(proj["k"][0], split_heads=True),
-            mlp_pre=Site(mlp_proj["gate" if gated else "up"][0]),
-            mlp_pre_linear=Site(mlp_proj["up"][0]) if gated else None,
-            mlp_post=Site(mlp_proj["down"][0], side="input"), gated_mlp=gated,
-            q_proj=Projection(*proj["q"]), k_proj=Projection(*proj["k"]), v_proj=Projection(*proj["v"]),
-            o_proj=Projection(*proj["o"]), mlp_in=Projection(*mlp_proj["up"]),
-            mlp_gate=Projection(*mlp_proj["gate"]) if gated else None, mlp_out=Projection(*mlp_proj["down"]),
         )
         return adapter
 
@@ -334,11 +336,14 @@ def infer_adapter(hf_model: nn.Module, supported: list[str] | None = None) -> Ad
     """The inferred adapter for `hf_model`, with a warning naming its paths; CannotInferAdapter
     (a NotImplementedError) naming what was not found otherwise."""
     adapter = _Inference(hf_model).infer()
-    sites = {k: getattr(adapter, k) for k in ("embed", "pos_embed", "blocks", "ln1", "attn", "ln2", "mlp",
-                                              "final_norm", "unembed", "norm_kind", "positional", "parallel_attn_mlp",
-                                              "gated_mlp")}
-    projections = {k: getattr(adapter, k).module for k in ("q_proj", "k_proj", "v_proj", "o_proj", "mlp_in",
-                                                           "mlp_gate", "mlp_out") if getattr(adapter, k)}
+    pos, norms, attn, ff = adapter.positions, adapter.norms, adapter.attention, adapter.feed_forward
+    sites = {"embed": adapter.embed, "pos_embed": pos.pos_embed, "blocks": adapter.blocks, "ln1": norms.ln1,
+             "attn": attn.path, "ln2": norms.ln2, "mlp": ff.path, "final_norm": adapter.final_norm,
+             "unembed": adapter.unembed, "norm_kind": norms.kind, "positional": pos.kind,
+             "parallel_attn_mlp": adapter.parallel_attn_mlp, "gated_mlp": ff.gated}
+    projections = {k: p.module for k, p in (("q_proj", attn.q_proj), ("k_proj", attn.k_proj), ("v_proj", attn.v_proj),
+                                            ("o_proj", attn.o_proj), ("mlp_in", ff.in_proj), ("mlp_gate", ff.gate_proj),
+                                            ("mlp_out", ff.out_proj)) if p is not None}
     warnings.warn(f"fxhook has no adapter for {type(hf_model).__name__}: inferred one from its module tree "
                   f"{sites}, projections {projections}. To pin it, add an Adapter in adapters/.",
                   InferredAdapterWarning, stacklevel=3)

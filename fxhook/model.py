@@ -73,7 +73,7 @@ class HookedTransformer(LoadingMixin, WeightViewsMixin, DatasetMixin, nn.Module)
 
             cfg, hf_model, adapter = build_from_config(cfg)
         elif adapter is None:
-            from fxhook.runtime.loading import find_adapter
+            from adapters import find_adapter
 
             adapter = find_adapter(hf_model)
         self.cfg = cfg

@@ -2,6 +2,8 @@
 composition scores computed by hand."""
 from __future__ import annotations
 
+import time
+
 import torch
 from hypothesis import given, settings
 
@@ -104,3 +106,84 @@ def test_accumulated_bias_and_residual_directions():
     dirs = m.tokens_to_residual_directions(torch.tensor([[3, 4]]))
     assert dirs.shape == (1, 2, m.cfg.d_model) and torch.equal(dirs[0, 1], m.W_U[:, 4])
     assert m.n_params_total == sum(p.numel() for p in m.hf_model.parameters())
+
+
+# --------------------------------------------------------------------------- cached views
+def _fresh(m, name: str) -> torch.Tensor:
+    """The stacked view `name` ("attn.W_Q") rebuilt from scratch, bypassing the model's cache."""
+    from fxhook.processing.weight_dict import live_weights
+
+    weights = live_weights(m.hf_model, m.adapter, m.cfg)
+    return torch.stack([weights[f"blocks.{layer}.{name}"] for layer in range(m.cfg.n_layers)])
+
+
+def _best_of(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def test_a_second_read_of_a_stacked_view_is_ten_times_cheaper():
+    """On 24 layers, W_Q read again (parameters unchanged) reuses the views: one rebuild, not one per read,
+    and at least 10x less time than a read after a change (the best of several of each, interleaved)."""
+    m = _model(ModelSpec("llama", 24, 2, 1, 4, 16, True, False, 0))
+    q_weight = m.hf_model.model.layers[5].self_attn.q_proj.weight
+    views = m.weight_views
+    first = views.rebuilds
+    m.W_Q, m.W_Q, m.blocks[3].attn.W_Q, m.W_K
+    assert views.rebuilds == first + 1
+
+    cold, warm = [], []
+    for _ in range(9):
+        with torch.no_grad():
+            q_weight.add_(0.0)  # an in-place edit: the next read rebuilds
+        cold.append(_best_of(lambda: m.W_Q, 1))
+        warm.append(_best_of(lambda: m.W_Q, 3))
+    assert min(cold) >= 10 * min(warm), (min(cold), min(warm))
+    assert torch.equal(m.W_Q, _fresh(m, "attn.W_Q"))
+
+
+def test_cached_views_follow_every_change_of_the_parameters():
+    """In-place edits (through a block view or the HF parameter), replaced parameters, process_weights_
+    and .to(dtype) all show in the next read, equal to a rebuild from scratch."""
+    m = _model(ModelSpec("llama", 2, 2, 1, 4, 16, True, False, 3))
+    layers = m.hf_model.model.layers
+    before = m.W_Q
+    with torch.no_grad():
+        m.blocks[0].attn.W_Q.mul_(2.0)  # a view of q_proj.weight: bumps its version
+    assert torch.equal(m.W_Q[0], 2 * before[0]) and torch.equal(m.W_Q, _fresh(m, "attn.W_Q"))
+    with torch.no_grad():
+        layers[1].self_attn.k_proj.weight.add_(1.0)
+    assert torch.equal(m.W_K, _fresh(m, "attn.W_K").repeat_interleave(2, dim=1))
+    assert torch.equal(m.blocks[1].attn.W_K, _fresh(m, "attn.W_K")[1])
+
+    new = torch.nn.Parameter(torch.randn_like(layers[1].mlp.down_proj.weight))
+    layers[1].mlp.down_proj.weight = new  # a replaced parameter, same shape
+    assert torch.equal(m.W_out[1], new.detach().t())
+
+    m.process_weights_()
+    for name in ("attn.W_Q", "attn.W_O", "mlp.W_in", "mlp.b_out"):
+        fresh = _fresh(m, name)
+        assert torch.equal(getattr(m, name.split(".")[1]), fresh), name
+    m.to(torch.float64)
+    assert m.W_Q.dtype == torch.float64 and torch.equal(m.W_Q, _fresh(m, "attn.W_Q"))
+    assert m.blocks[0].ln1.w.dtype == torch.float64
+
+
+def test_a_stacked_view_is_a_new_copy_per_read():
+    """As in TransformerLens: editing what model.W_Q returned changes neither the model nor later reads;
+    the stack still carries gradients to the parameters (read under grad mode after one under no_grad)."""
+    m = _model(ModelSpec("gpt2", 2, 2, 2, 4, 16, True, False, 4))
+    first = m.W_Q
+    with torch.no_grad():
+        first.zero_()
+        no_grad_read = m.W_Q
+    assert not torch.equal(no_grad_read, first) and not no_grad_read.requires_grad
+    assert torch.equal(m.W_Q, _fresh(m, "attn.W_Q"))
+    m.W_Q.sum().backward()
+    m.W_Q.sum().backward()  # the cached views can be backpropagated through again
+    c_attn = m.hf_model.transformer.h[0].attn.c_attn.weight
+    assert c_attn.grad is not None and torch.all(c_attn.grad[:, :c_attn.shape[0]] == 2)

@@ -39,7 +39,7 @@ def final_norm(model, x: torch.Tensor) -> torch.Tensor:  # [..., d_model] -> [..
         weights = model.live_weights()
         w = weights.get("ln_final.w")
         if w is not None:
-            if getattr(model.adapter, "norm_kind", "") == "rmsnorm_plus_one":
+            if model.adapter.norms.kind == "rmsnorm_plus_one":
                 w = w + 1
             x = x * w
         if "ln_final.b" in weights:

@@ -23,14 +23,14 @@ from fxhook.core.ops import hook_marker
 
 def install_block_extras(inst, block: nn.Module, layer: int) -> None:
     """Instrument `block`'s extra norms and experts (`inst` is the capture's instrumenter)."""
-    a = inst.adapter
-    for path, norm in ((a.ln1_post, "ln1_post"), (a.ln2_post, "ln2_post"), (a.q_norm, "attn.q_norm"),
-                       (a.k_norm, "attn.k_norm")):
+    norms, ff = inst.adapter.norms, inst.adapter.feed_forward
+    for path, norm in ((norms.ln1_post, "ln1_post"), (norms.ln2_post, "ln2_post"), (norms.q_norm, "attn.q_norm"),
+                       (norms.k_norm, "attn.k_norm")):
         if path is not None:
             inst.patch_norm(get_module(block, path), hn.norm_prefix(layer, norm))
-    if a.experts is not None:
-        spec = a.experts
-        mlp = get_module(block, a.mlp)
+    if ff.experts is not None:
+        spec = ff.experts
+        mlp = get_module(block, ff.path)
         tokens: list[tuple[int, int]] = []  # [b, p] of the MoE block's input: the router sees [b * p, d]
 
         def record(_mod, args, kwargs):

@@ -40,11 +40,11 @@ def _mark_split(x: torch.Tensor, name: str, split_heads: int | None) -> torch.Te
 
 
 def norm_eps(module: nn.Module, adapter: Adapter) -> float:
-    for attr in adapter.norm_eps_attr:
+    for attr in adapter.norms.eps_attr:
         if hasattr(module, attr):
             return float(getattr(module, attr))
     raise ValueError(f"cannot find the epsilon of norm {type(module).__name__}: "
-                     f"the adapter looks for attributes {adapter.norm_eps_attr}")
+                     f"the adapter looks for attributes {adapter.norms.eps_attr}")
 
 
 class _Instrumenter:
@@ -90,7 +90,7 @@ class _Instrumenter:
     def patch_norm(self, module: nn.Module, prefix: str) -> None:
         eps = norm_eps(module, self.adapter)
         self.norm_eps[prefix] = eps
-        kind = self.adapter.norm_kind
+        kind = self.adapter.norms.kind
 
         def forward(mod, x):
             return self.tokens.apply(x, lambda h: hooked_norm(h, getattr(mod, "weight", None),
@@ -100,12 +100,13 @@ class _Instrumenter:
 
     def install(self, hf_model: nn.Module) -> None:
         a = self.adapter
+        norms, attn, ff = a.norms, a.attention, a.feed_forward
         if a.scaled_embedding:  # the model scales the embedding: hook_embed is what enters block 0
             self.mark_input(get_module(hf_model, a.blocks)[0], (hn.model_hook("hook_embed"),))
         else:
             self.mark_output(get_module(hf_model, a.embed), hn.model_hook("hook_embed"))
-        if a.pos_embed is not None:
-            self.mark_output(get_module(hf_model, a.pos_embed), hn.model_hook("hook_pos_embed"))
+        if a.positions.pos_embed is not None:
+            self.mark_output(get_module(hf_model, a.positions.pos_embed), hn.model_hook("hook_pos_embed"))
         self.patch_norm(get_module(hf_model, a.final_norm), hn.norm_prefix(None, "ln_final"))
         for i, block in enumerate(get_module(hf_model, a.blocks)):
             def name(key: str, layer: int = i) -> str:
@@ -115,19 +116,19 @@ class _Instrumenter:
             self.mark_output(block, name("hook_resid_post"))
             self.mark_output(get_module(block, a.attn_out_module), name("hook_attn_out"))
             self.mark_output(get_module(block, a.mlp_out_module), name("hook_mlp_out"))
-            if a.ln2 is None:
+            if norms.ln2 is None:
                 self.norm_again_for_mlp(block, i)
             else:
                 mid = () if a.parallel_attn_mlp else (name("hook_resid_mid"),)
                 self.mark_input(get_module(block, a.mlp_in_module), (*mid, name("hook_mlp_in")))
-                self.patch_norm(get_module(block, a.ln2), hn.norm_prefix(i, "ln2"))
-            self.patch_norm(get_module(block, a.ln1), hn.norm_prefix(i, "ln1"))
-            if a.q_site is not None:
-                self.mark_site(block, a.q_site, name("attn.hook_q"), self.n_heads)
-            if a.k_site is not None:
-                self.mark_site(block, a.k_site, name("attn.hook_k"), self.n_kv_heads)
-            for site, key in ((a.mlp_pre, "mlp.hook_pre"), (a.mlp_pre_linear, "mlp.hook_pre_linear"),
-                              (a.mlp_post, "mlp.hook_post")):
+                self.patch_norm(get_module(block, norms.ln2), hn.norm_prefix(i, "ln2"))
+            self.patch_norm(get_module(block, norms.ln1), hn.norm_prefix(i, "ln1"))
+            if attn.q_site is not None:
+                self.mark_site(block, attn.q_site, name("attn.hook_q"), self.n_heads)
+            if attn.k_site is not None:
+                self.mark_site(block, attn.k_site, name("attn.hook_k"), self.n_kv_heads)
+            for site, key in ((ff.pre_site, "mlp.hook_pre"), (ff.pre_linear_site, "mlp.hook_pre_linear"),
+                              (ff.post_site, "mlp.hook_post")):
                 if site is not None:
                     self.mark_site(block, site, name(key), 0)
             install_block_extras(self, block, i)
@@ -140,8 +141,8 @@ class _Instrumenter:
 
     def norm_again_for_mlp(self, block: nn.Module, layer: int) -> None:
         """Shared-norm parallel blocks: the MLP reads ln1(hook_mlp_in(resid_pre)) hooked as ln2."""
-        ln1 = get_module(block, self.adapter.ln1)
-        eps, kind = norm_eps(ln1, self.adapter), self.adapter.norm_kind
+        ln1 = get_module(block, self.adapter.norms.ln1)
+        eps, kind = norm_eps(ln1, self.adapter), self.adapter.norms.kind
         ln2 = hn.norm_prefix(layer, "ln2")
         self.norm_eps[ln2] = eps
 
@@ -152,7 +153,8 @@ class _Instrumenter:
                 return (x, *args[1:]), kwargs
             key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
             return args, {**kwargs, key: x}
-        self.handles.append(get_module(block, self.adapter.mlp).register_forward_pre_hook(pre_hook, with_kwargs=True))
+        mlp = get_module(block, self.adapter.feed_forward.path)
+        self.handles.append(mlp.register_forward_pre_hook(pre_hook, with_kwargs=True))
 
     def remove(self) -> None:
         for h in self.handles:
@@ -175,7 +177,7 @@ def instrumented(hf_model: nn.Module, adapter: Adapter, n_heads: int, n_kv_heads
     previous_impl = hf_model.config._attn_implementation
     inst = _Instrumenter(adapter, n_heads, n_kv_heads)
     try:
-        with hf_attention.attention_capture(mark_qk_here=adapter.q_site is None, mark_rotated=adapter.rotary):
+        with hf_attention.attention_capture(mark_qk_here=adapter.attention.q_site is None, mark_rotated=adapter.rotary):
             hf_model.set_attn_implementation(hf_attention.IMPLEMENTATION_NAME)
             inst.install(hf_model)
             yield inst.norm_eps

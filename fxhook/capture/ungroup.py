@@ -24,7 +24,7 @@ def _repeat_heads(t: torch.Tensor, proj: Projection, n_kv: int, n_rep: int) -> t
 
 
 def ungrouped_twin(hf_model: nn.Module, adapter: Adapter, n_heads: int, n_kv_heads: int) -> nn.Module:
-    projections = [adapter.k_proj, adapter.v_proj]
+    projections = [adapter.attention.k_proj, adapter.attention.v_proj]
     if any(p is None or p.n_chunks != 1 for p in projections):
         raise NotImplementedError(f"ungrouping needs separate k/v projections in the "
                                   f"{adapter.architectures[0]} adapter")

@@ -19,11 +19,18 @@ def expose_activations(gm: fx.GraphModule, names: frozenset[str], keep_points: f
 
     A point in `keep_points` still runs its hooks and its output (what later layers read) is returned;
     any other exposed point's call is removed. Names the graph lacks (layers a slice does not run) are
-    left out; gm.meta[ACTIVATION_NAMES] lists what is returned, in execution order.
+    left out; gm.meta[ACTIVATION_NAMES] lists what is returned, in execution order. A point called more
+    than once (a norm recomputed per head) exposes its last call; its other calls go too when it is not kept.
     """
     exposed: list[str] = []
     values: list[fx.Node] = []
-    for name, node in hook_point_nodes(gm).items():
+    last_calls = hook_point_nodes(gm)
+    for node in list(gm.graph.nodes):
+        if (node.op == "call_module" and node.target in names and node.target not in keep_points
+                and node.target in last_calls and node is not last_calls[node.target]):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    for name, node in last_calls.items():
         if name not in names:
             continue
         if name in keep_points:

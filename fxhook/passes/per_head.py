@@ -25,7 +25,8 @@ def _markers_by_name(gm: fx.GraphModule) -> dict[str, fx.Node]:
 
 
 def _require(adapter: Adapter, *fields: str) -> None:
-    missing = [f for f in fields if getattr(adapter, f) is None]
+    """The attention projections `fields` ("q_proj", ...) are described by the adapter."""
+    missing = [f for f in fields if getattr(adapter.attention, f) is None]
     if missing:
         raise NotImplementedError(f"the {adapter.architectures[0]} adapter does not describe {missing}; "
                                   f"per-head hooks need them (add Projection entries in adapters/)")
@@ -34,7 +35,7 @@ def _require(adapter: Adapter, *fields: str) -> None:
 def _refuse_post_norm_blocks(adapter: Adapter, flag: str) -> None:
     """Post-norm blocks (OLMo 2) normalise q and k over all heads and the attention output as a whole:
     a per-head split cannot reproduce that, so the flag is refused rather than computed wrongly."""
-    if adapter.post_norm:
+    if adapter.norms.post_norm:
         raise NotImplementedError(
             f"{flag} is not available for {adapter.architectures[0]}: its post-norm blocks normalise "
             f"the attention output (and q/k across all heads) as a whole, so per-head hooks cannot be split "
@@ -53,19 +54,23 @@ def split_attn_result(gm: fx.GraphModule, adapter: Adapter, cfg: HookedTransform
         out_node = markers[hn.block_hook(layer, "hook_attn_out")]
         with gm.graph.inserting_before(out_node):
             params = BlockParams(gm, adapter, layer, tracer)
-            w_o, b_o = params.output_projection(adapter.o_proj, cfg.n_heads, cfg.d_head)
+            w_o, b_o = params.output_projection(adapter.attention.o_proj, cfg.n_heads, cfg.d_head)
             z = Proxy(z_node, tracer)
             result = torch.einsum("bphd,hdm->bphm", z.to(w_o.dtype), w_o)
             result = hook_op(result, hn.block_hook(layer, "attn.hook_result"))
             out = result.sum(dim=2)
             if b_o is not None:
                 out = out + b_o
-            if adapter.ln1_post is not None:
+            if adapter.norms.ln1_post is not None:
                 prefix = hn.norm_prefix(layer, "ln1_post")
-                w, b, eps = params.norm(adapter.ln1_post, prefix)
-                out = hooked_norm(out, w, b, eps, adapter.norm_kind, prefix)
+                w, b, eps = params.norm(adapter.norms.ln1_post, prefix)
+                out = hooked_norm(out, w, b, eps, adapter.norms.kind, prefix)
         out_node.args = (out.node, out_node.args[1])
     return finish(gm)
+
+
+_INPUT_HOOKS = {"q": "hook_q_input", "k": "hook_k_input", "v": "hook_v_input"}
+_PROJECTED = {"q": "attn.hook_q", "k": "attn.hook_k", "v": "attn.hook_v"}
 
 
 def _repeat_heads(x: Proxy, n_heads: int) -> Proxy:
@@ -91,25 +96,25 @@ def split_qkv_input(gm: fx.GraphModule, adapter: Adapter, cfg: HookedTransformer
     n_kv = cfg.n_heads if ungrouped else cfg.n_kv_heads
     heads = {"q": cfg.n_heads, "k": n_kv, "v": n_kv}
     for layer in range(cfg.n_layers):
-        first = min((markers[hn.block_hook(layer, f"attn.hook_{x}")] for x in "qkv"), key=_position(gm.graph))
+        first = min((markers[hn.block_hook(layer, _PROJECTED[x])] for x in "qkv"), key=_position(gm.graph))
         resid = markers[hn.block_hook(layer, "hook_resid_pre")]
         with gm.graph.inserting_before(first):
             params = BlockParams(gm, adapter, layer, tracer)
             ln1 = hn.norm_prefix(layer, "ln1")
-            ln_w, ln_b, eps = params.norm(adapter.ln1, ln1)
+            ln_w, ln_b, eps = params.norm(adapter.norms.ln1, ln1)
             resid_proxy = Proxy(resid, tracer)
             shared = hook_op(_repeat_heads(resid_proxy, cfg.n_heads), hn.block_hook(layer, "hook_attn_in")) if attn_in else None
             for x in "qkv":
                 if split:
-                    inp = hook_op(_repeat_heads(resid_proxy, heads[x]), hn.block_hook(layer, f"hook_{x}_input"))
+                    inp = hook_op(_repeat_heads(resid_proxy, heads[x]), hn.block_hook(layer, _INPUT_HOOKS[x]))
                 else:
                     inp = shared
-                normed = hooked_norm(inp, ln_w, ln_b, eps, adapter.norm_kind, ln1)
-                w, b = params.input_projection(getattr(adapter, f"{x}_proj"), heads[x], cfg.d_head)
+                normed = hooked_norm(inp, ln_w, ln_b, eps, adapter.norms.kind, ln1)
+                w, b = params.input_projection(getattr(adapter.attention, f"{x}_proj"), heads[x], cfg.d_head)
                 value = torch.einsum("bphm,hmd->bphd", normed.to(w.dtype), w)
                 if b is not None:
                     value = value + b
-                target = markers[hn.block_hook(layer, f"attn.hook_{x}")]
+                target = markers[hn.block_hook(layer, _PROJECTED[x])]
                 target.args = (value.node, target.args[1])
     return finish(gm)
 

@@ -16,7 +16,7 @@ def process_hf_weights(hf_model: nn.Module, adapter: Adapter, cfg: HookedTransfo
                        fold_ln: bool = True, center_writing_weights: bool = True, center_unembed: bool = True,
                        fold_value_biases: bool = True, refactor_factored_attn_matrices: bool = False) -> None:
     """Rewrite `hf_model`'s parameters in place (the caller captures it afterwards)."""
-    layer_norm = adapter.norm_kind == "layernorm"
+    layer_norm = adapter.norms.kind == "layernorm"
     if center_writing_weights and not layer_norm:  # TransformerLens skips it silently for RMS models
         center_writing_weights = False
     if center_unembed and getattr(hf_model.config, "final_logit_softcapping", None):
@@ -24,7 +24,7 @@ def process_hf_weights(hf_model: nn.Module, adapter: Adapter, cfg: HookedTransfo
                       "commute with shifting every logit of a position, so centring would change the "
                       "log-probabilities", stacklevel=3)
         center_unembed = False
-    if adapter.post_norm and fold_ln:
+    if adapter.norms.post_norm and fold_ln:
         warnings.warn("fold_ln skipped: this model normalises the attention and MLP outputs (post-norm), so no "
                       "norm weight sits on a linear map's input to fold into (TransformerLens skips it too); "
                       "pass fold_ln=False to silence this", stacklevel=3)
@@ -34,7 +34,7 @@ def process_hf_weights(hf_model: nn.Module, adapter: Adapter, cfg: HookedTransfo
     with torch.no_grad():
         sd = {k: v.detach().clone() for k, v in live_weights(hf_model, adapter, cfg).items()}
         if fold_ln:
-            sd = transforms.fold_layer_norm(sd, cfg.n_layers, adapter.norm_kind)
+            sd = transforms.fold_layer_norm(sd, cfg.n_layers, adapter.norms.kind)
         if center_writing_weights:
             sd = transforms.center_writing_weights(sd, cfg.n_layers)
         if center_unembed:

@@ -16,8 +16,9 @@ from fxhook.adapter import Adapter
 
 
 def add_extra_weights(out: dict[str, torch.Tensor], block: nn.Module, adapter: Adapter, prefix: str) -> None:
-    for path, key in ((adapter.ln1_post, "ln1_post"), (adapter.ln2_post, "ln2_post"),
-                      (adapter.q_norm, "attn.q_norm"), (adapter.k_norm, "attn.k_norm")):
+    norms = adapter.norms
+    for path, key in ((norms.ln1_post, "ln1_post"), (norms.ln2_post, "ln2_post"),
+                      (norms.q_norm, "attn.q_norm"), (norms.k_norm, "attn.k_norm")):
         if path is None:
             continue
         module = block.get_submodule(path)
@@ -25,10 +26,10 @@ def add_extra_weights(out: dict[str, torch.Tensor], block: nn.Module, adapter: A
             value = getattr(module, leaf, None)
             if value is not None:
                 out[f"{prefix}{key}.{short}"] = value
-    spec = adapter.experts
+    spec = adapter.feed_forward.experts
     if spec is None:
         return
-    mlp = block.get_submodule(adapter.mlp)
+    mlp = block.get_submodule(adapter.feed_forward.path)
     experts = mlp.get_submodule(spec.experts)
     gate_up = getattr(experts, spec.gate_up)  # [n_experts, 2 * d_mlp, d_model]
     d_mlp = gate_up.shape[1] // 2

@@ -58,19 +58,20 @@ def _projection(out: dict, block: nn.Module, proj: Projection | None, key: str, 
 
 def live_weights(hf_model: nn.Module, adapter: Adapter, cfg: HookedTransformerConfig) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {"embed.W_E": _param(hf_model, adapter.embed, "weight")}
-    if adapter.pos_embed is not None:
-        out["pos_embed.W_pos"] = _param(hf_model, adapter.pos_embed, "weight")[adapter.pos_embed_offset:]
+    pos, norms, attn, ff = adapter.positions, adapter.norms, adapter.attention, adapter.feed_forward
+    if pos.pos_embed is not None:
+        out["pos_embed.W_pos"] = _param(hf_model, pos.pos_embed, "weight")[pos.pos_embed_offset:]
     for layer, block in enumerate(hf_model.get_submodule(adapter.blocks)):
         p = block_prefix(layer)
-        _norm(out, block, adapter.ln1, p + "ln1")
-        _norm(out, block, adapter.ln2 or adapter.ln1, p + "ln2")  # no ln2: the MLP reads ln1 too
-        _projection(out, block, adapter.q_proj, p + "attn.?_Q", read_input_projection, cfg.n_heads, cfg.d_head)
-        _projection(out, block, adapter.k_proj, p + "attn.?_K", read_input_projection, cfg.n_kv_heads, cfg.d_head)
-        _projection(out, block, adapter.v_proj, p + "attn.?_V", read_input_projection, cfg.n_kv_heads, cfg.d_head)
-        _projection(out, block, adapter.o_proj, p + "attn.?_O", read_output_projection, cfg.n_heads, cfg.d_head)
-        _projection(out, block, adapter.mlp_in, p + "mlp.?_in", read_mlp_projection)
-        _projection(out, block, adapter.mlp_gate, p + "mlp.?_gate", read_mlp_projection)
-        _projection(out, block, adapter.mlp_out, p + "mlp.?_out", read_mlp_projection)
+        _norm(out, block, norms.ln1, p + "ln1")
+        _norm(out, block, norms.ln2 or norms.ln1, p + "ln2")  # no ln2: the MLP reads ln1 too
+        _projection(out, block, attn.q_proj, p + "attn.?_Q", read_input_projection, cfg.n_heads, cfg.d_head)
+        _projection(out, block, attn.k_proj, p + "attn.?_K", read_input_projection, cfg.n_kv_heads, cfg.d_head)
+        _projection(out, block, attn.v_proj, p + "attn.?_V", read_input_projection, cfg.n_kv_heads, cfg.d_head)
+        _projection(out, block, attn.o_proj, p + "attn.?_O", read_output_projection, cfg.n_heads, cfg.d_head)
+        _projection(out, block, ff.in_proj, p + "mlp.?_in", read_mlp_projection)
+        _projection(out, block, ff.gate_proj, p + "mlp.?_gate", read_mlp_projection)
+        _projection(out, block, ff.out_proj, p + "mlp.?_out", read_mlp_projection)
         add_extra_weights(out, block, adapter, p)
     _norm(out, hf_model, adapter.final_norm, "ln_final")
     unembed = hf_model.get_submodule(adapter.unembed)
@@ -86,10 +87,11 @@ def bias_homes(hf_model: nn.Module, adapter: Adapter, cfg: HookedTransformerConf
     blocks = hf_model.get_submodule(adapter.blocks)
     sizes = {"Q": cfg.n_heads * cfg.d_head, "K": cfg.n_kv_heads * cfg.d_head, "V": cfg.n_kv_heads * cfg.d_head,
              "O": cfg.d_model, "in": cfg.d_mlp, "gate": cfg.d_mlp, "out": cfg.d_model}
+    attn, ff = adapter.attention, adapter.feed_forward
     for layer, block in enumerate(blocks):
-        for name, proj in (("attn.b_Q", adapter.q_proj), ("attn.b_K", adapter.k_proj), ("attn.b_V", adapter.v_proj),
-                           ("attn.b_O", adapter.o_proj), ("mlp.b_in", adapter.mlp_in),
-                           ("mlp.b_gate", adapter.mlp_gate), ("mlp.b_out", adapter.mlp_out)):
+        for name, proj in (("attn.b_Q", attn.q_proj), ("attn.b_K", attn.k_proj), ("attn.b_V", attn.v_proj),
+                           ("attn.b_O", attn.o_proj), ("mlp.b_in", ff.in_proj),
+                           ("mlp.b_gate", ff.gate_proj), ("mlp.b_out", ff.out_proj)):
             if proj is not None and proj.n_chunks == 1:
                 homes[block_name(layer, name)] = (block.get_submodule(proj.module), sizes[name.rsplit("_", 1)[1]])
             elif proj is not None:  # a fused projection: the bias covers the whole fused output

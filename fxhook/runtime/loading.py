@@ -287,21 +287,6 @@ def load_hf(model_name_or_path: str, *, dtype: torch.dtype, revision: str | None
 
 
 # --------------------------------------------------------------------------- the mixin
-def find_adapter(hf_model):
-    """The adapter for `hf_model`'s class (specialised to its config); inferred from the module tree
-    when no adapter names the class; refused architectures raise with their reason."""
-    from adapters import BY_ARCHITECTURE, REFUSED
-
-    name = type(hf_model).__name__
-    if name in REFUSED:
-        raise NotImplementedError(f"{name} has no fxhook adapter, by design: {REFUSED[name]}")
-    if name not in BY_ARCHITECTURE:
-        from fxhook.infer_adapter import infer_adapter
-
-        return infer_adapter(hf_model, supported=sorted(BY_ARCHITECTURE))
-    return BY_ARCHITECTURE[name].specialised(hf_model.config)
-
-
 class LoadingMixin:
     @classmethod
     def from_pretrained(cls, model_name_or_path=None, *, fold_ln: bool = True,
@@ -423,6 +408,8 @@ class LoadingMixin:
         elif hf_kwargs:
             raise TypeError(f"unexpected arguments with hf_model= (they are HF loading options): "
                             f"{sorted(hf_kwargs)}")
+        from adapters import find_adapter
+
         check_model_supported(hf_model)
         adapter = find_adapter(hf_model)
         if not owns_model and any(processing.values()):

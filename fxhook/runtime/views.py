@@ -2,15 +2,44 @@
 
 Per-block views (`model.blocks[L].attn.W_Q`) are views of the parameters:
 editing one in place (under torch.no_grad()) edits the model. Stacked views
-(`model.W_Q` [n_layers, ...]) are stacks, hence copies, as in TransformerLens;
-W_K / W_V / b_K / b_V stacks repeat kv heads to n_heads, as TransformerLens does.
+(`model.W_Q` [n_layers, ...]) are stacks, hence copies, as in TransformerLens:
+each read returns a new tensor, and editing it changes neither the model nor
+later reads. W_K / W_V / b_K / b_V stacks repeat kv heads to n_heads, as
+TransformerLens does.
+
+Building the views of every layer costs milliseconds, so `WeightViews` keeps the
+views built last with a key of the parameters' state (each parameter's identity,
+version counter, data pointer and requires_grad, plus the grad mode), which one
+walk of the module tree reads. An in-place edit (through a view or not) bumps a
+version counter; `.to(...)` and replaced parameters change data pointers or
+identities: any change makes the next read rebuild. The cached views keep their
+parameters (and storage) alive, so an identity or a data pointer the key remembers
+cannot be reused by another tensor. Stacks are not cached: each read must return
+a new tensor anyway, and a cached stack would hold a second copy of the weights.
 """
 from __future__ import annotations
 
-import torch
+import functools
 
+import torch
+from torch import nn
+
+from fxhook.adapter import Adapter
+from fxhook.config import HookedTransformerConfig
 from fxhook.processing.weight_dict import live_weights
 from fxhook.core.hook_names import block_name, block_prefix
+
+
+def _absent_bias_shapes(cfg: HookedTransformerConfig) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Shapes of the biases a model may lack, by group: an absent bias reads as zeros."""
+    return {"attn": {"b_Q": (cfg.n_heads, cfg.d_head), "b_K": (cfg.n_kv_heads, cfg.d_head),
+                     "b_V": (cfg.n_kv_heads, cfg.d_head), "b_O": (cfg.d_model,)},
+            "mlp": {"b_in": (cfg.d_mlp,), "b_out": (cfg.d_model,)}}
+
+
+def _zeros_like_params(model, shape: tuple[int, ...]) -> torch.Tensor:
+    p = next(model.parameters())
+    return torch.zeros(shape, dtype=p.dtype, device=p.device)
 
 
 class _Namespace:
@@ -23,12 +52,11 @@ class _Namespace:
         if name.startswith("_"):
             raise AttributeError(name)
         key = self._prefix + name
-        weights = self._model.live_weights()
+        weights = self._model._current_weights()
         if key in weights:
             return weights[key]
         if name in self._defaults:  # absent biases read as zeros (nothing to edit)
-            p = next(self._model.parameters())
-            return torch.zeros(self._defaults[name], dtype=p.dtype, device=p.device)
+            return _zeros_like_params(self._model, self._defaults[name])
         points = self._model.hook_dict
         if key in points:
             return points[key]
@@ -40,30 +68,128 @@ class _Namespace:
 
 class BlockView(_Namespace):
     def __init__(self, model, layer: int):
-        cfg = model.cfg
+        defaults = _absent_bias_shapes(model.cfg)
         super().__init__(model, block_prefix(layer), {})
         self.layer = layer
-        self.attn = _Namespace(model, block_name(layer, "attn."), {
-            "b_Q": (cfg.n_heads, cfg.d_head), "b_K": (cfg.n_kv_heads, cfg.d_head),
-            "b_V": (cfg.n_kv_heads, cfg.d_head), "b_O": (cfg.d_model,)})
-        self.mlp = _Namespace(model, block_name(layer, "mlp."), {"b_in": (cfg.d_mlp,), "b_out": (cfg.d_model,)})
+        self.attn = _Namespace(model, block_name(layer, "attn."), defaults["attn"])
+        self.mlp = _Namespace(model, block_name(layer, "mlp."), defaults["mlp"])
         self.ln1 = _Namespace(model, block_name(layer, "ln1."), {})
         self.ln2 = _Namespace(model, block_name(layer, "ln2."), {})
+
+
+@functools.lru_cache(maxsize=256)
+def _layer_keys(name: str, n_layers: int) -> tuple[str, ...]:
+    """("blocks.0.attn.W_Q", ...) for a stacked view: made once, not on every read."""
+    return tuple(block_name(layer, name) for layer in range(n_layers))
+
+
+def _collect_versions(module: nn.Module, out: list) -> None:
+    for p in module._parameters.values():
+        if p is not None:
+            out += (id(p), p._version, p.data_ptr(), p.requires_grad)
+    for child in module._modules.values():
+        if child is not None:
+            _collect_versions(child, out)
+
+
+def parameter_state(hf_model: nn.Module) -> list:
+    """Identity, version counter, data pointer and requires_grad of every parameter, in one walk of the
+    module tree (a few hundred microseconds for 24 layers, against milliseconds for rebuilding the views)."""
+    out: list = []
+    _collect_versions(hf_model, out)
+    return out
+
+
+class WeightViews:
+    """One model's weight views and BlockViews, kept while the parameters are unchanged.
+
+    Owned by the model (created on first use). Copying or pickling the model starts an empty cache:
+    the cached views and BlockViews belong to the original.
+    """
+
+    def __init__(self) -> None:
+        self._key: list | None = None
+        self._weights: dict[str, torch.Tensor] = {}
+        self._blocks_key: tuple | None = None
+        self._blocks: list[BlockView] = []
+        self.rebuilds = 0  # how often the views were rebuilt (tests count them)
+
+    def weights(self, hf_model: nn.Module, adapter: Adapter, cfg: HookedTransformerConfig) -> dict[str, torch.Tensor]:
+        """The live views (see processing.weight_dict.live_weights), rebuilt only when the key changed.
+
+        The key holds the grad and inference modes too: views made under no_grad do not carry gradients."""
+        key = [id(hf_model), id(adapter), id(cfg), cfg.n_heads, cfg.n_kv_heads, cfg.d_head,
+               torch.is_grad_enabled(), torch.is_inference_mode_enabled()]
+        key += parameter_state(hf_model)
+        if key != self._key:
+            self._weights = live_weights(hf_model, adapter, cfg)
+            self._key = key
+            self.rebuilds += 1
+        return self._weights
+
+    def blocks(self, model) -> list[BlockView]:
+        """The model's BlockViews (a new list of the same stateless views, kept while the shapes hold)."""
+        cfg = model.cfg
+        key = (id(cfg), cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_mlp)
+        if key != self._blocks_key:
+            self._blocks = [BlockView(model, layer) for layer in range(cfg.n_layers)]
+            self._blocks_key = key
+        return list(self._blocks)
+
+    def clear(self) -> None:
+        """Drop the cached views (and the parameter storage they keep alive)."""
+        self._key, self._weights = None, {}
+
+    def __deepcopy__(self, memo) -> "WeightViews":
+        return WeightViews()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
 
 
 class WeightViewsMixin:
     """model.W_E, model.W_Q, model.QK, ... for HookedTransformer."""
 
+    @property
+    def weight_views(self) -> WeightViews:
+        """The cache of this model's weight views (made on first use)."""
+        views = self.__dict__.get("_weight_views")
+        if views is None:
+            views = self.__dict__["_weight_views"] = WeightViews()
+        return views
+
+    def _apply(self, fn, recurse=True):
+        # a move or dtype change replaces every parameter's data: drop the old views now, so the old
+        # storage is freed rather than kept alive until the next read
+        self.weight_views.clear()
+        return super()._apply(fn, recurse)
+
+    def _current_weights(self) -> dict[str, torch.Tensor]:
+        return self.weight_views.weights(self.hf_model, self.adapter, self.cfg)
+
     def live_weights(self) -> dict[str, torch.Tensor]:
-        """Every weight in TransformerLens layout, as live views of the parameters."""
-        return live_weights(self.hf_model, self.adapter, self.cfg)
+        """Every weight in TransformerLens layout, as live views of the parameters (a new dict each call)."""
+        return dict(self._current_weights())
 
     @property
     def blocks(self) -> list[BlockView]:
-        return [BlockView(self, layer) for layer in range(self.cfg.n_layers)]
+        return self.weight_views.blocks(self)
 
     def _stack(self, group: str, name: str, repeat_kv: bool = False) -> torch.Tensor:
-        parts = [getattr(getattr(block, group), name) for block in self.blocks]
+        """[n_layers, ...] of one per-block view (a new tensor), from a single read of the cached views."""
+        weights = self._current_weights()
+        defaults = _absent_bias_shapes(self.cfg).get(group, {})
+        parts = []
+        for layer, key in enumerate(_layer_keys(f"{group}.{name}", self.cfg.n_layers)):
+            if key in weights:
+                parts.append(weights[key])
+            elif name in defaults:
+                parts.append(_zeros_like_params(self, defaults[name]))
+            else:  # neither a weight nor an absent bias: the namespace raises its error
+                parts.append(getattr(getattr(self.blocks[layer], group), name))
         stacked = torch.stack(parts)
         if repeat_kv and self.cfg.n_kv_heads != self.cfg.n_heads:
             stacked = stacked.repeat_interleave(self.cfg.n_heads // self.cfg.n_kv_heads, dim=1)
@@ -72,11 +198,11 @@ class WeightViewsMixin:
     # embeddings
     @property
     def W_E(self) -> torch.Tensor:  # [d_vocab, d_model]
-        return self.live_weights()["embed.W_E"]
+        return self._current_weights()["embed.W_E"]
 
     @property
     def W_pos(self) -> torch.Tensor:  # [n_ctx, d_model]
-        weights = self.live_weights()
+        weights = self._current_weights()
         if "pos_embed.W_pos" not in weights:
             raise AttributeError(f"this model has {self.cfg.positional_embedding_type} positions: no W_pos")
         return weights["pos_embed.W_pos"]
@@ -87,11 +213,11 @@ class WeightViewsMixin:
 
     @property
     def W_U(self) -> torch.Tensor:  # [d_model, d_vocab]
-        return self.live_weights()["unembed.W_U"]
+        return self._current_weights()["unembed.W_U"]
 
     @property
     def b_U(self) -> torch.Tensor:  # [d_vocab]
-        weights = self.live_weights()
+        weights = self._current_weights()
         return weights.get("unembed.b_U", torch.zeros(self.cfg.d_vocab_out, dtype=self.W_U.dtype,
                                                       device=self.W_U.device))
 
