@@ -181,7 +181,8 @@ def cmd_run(model, args) -> None:
     tokens = tokens_for(model, args.prompt, args)
     with torch.no_grad():
         probs = model(tokens)[0, -1].float().softmax(dim=-1)
-    print(f"Prompt tokens: {model.to_str_tokens(tokens[0])}")
+    if args.answer is None:  # test_prompt prints the tokenized prompt itself
+        print(f"Prompt tokens: {model.to_str_tokens(tokens[0])}")
     print(f"Top {args.top_k} next tokens:")
     values, ids = probs.topk(min(args.top_k, probs.shape[-1]))
     for rank, (p, t) in enumerate(zip(values, ids)):

@@ -15,6 +15,8 @@ from fxhook.core.hook_point import HookPoint
 from fxhook.datasets import DatasetMixin
 from fxhook.pipeline import ACTIVATION_NAMES, DecodeKind, GraphSpec
 from fxhook.analysis.cache import ActivationCache
+from fxhook.analysis.slicing import as_slice
+from fxhook.runtime.atomic import all_or_nothing
 from fxhook.runtime.decode import Decoder, check_context_length
 from fxhook.runtime.generate import Generator
 from fxhook.runtime.graphs import CompileOptions, GraphStore
@@ -145,11 +147,12 @@ class HookedTransformer(LoadingMixin, WeightViewsMixin, DatasetMixin, nn.Module)
         """
         from fxhook.processing import process_hf_weights
 
-        process_hf_weights(self.hf_model, self.adapter, self.cfg, fold_ln=fold_ln,
-                           center_writing_weights=center_writing_weights, center_unembed=center_unembed,
-                           fold_value_biases=fold_value_biases,
-                           refactor_factored_attn_matrices=refactor_factored_attn_matrices)
-        self._recapture()
+        with all_or_nothing([self.hf_model], self.cfg, self._recapture):
+            process_hf_weights(self.hf_model, self.adapter, self.cfg, fold_ln=fold_ln,
+                               center_writing_weights=center_writing_weights, center_unembed=center_unembed,
+                               fold_value_biases=fold_value_biases,
+                               refactor_factored_attn_matrices=refactor_factored_attn_matrices)
+            self._recapture()
         return self
 
     def load_and_process_state_dict(self, state_dict: dict[str, torch.Tensor], fold_ln: bool = True,
@@ -167,15 +170,47 @@ class HookedTransformer(LoadingMixin, WeightViewsMixin, DatasetMixin, nn.Module)
             if key.endswith(ignored):
                 continue
             name = key.replace("._W_", ".W_").replace("._b_", ".b_")
-            if name not in known and not hook_names.leaf_of(name).startswith("b_"):
-                from fxhook.runtime.hooks import unknown_hook_message
+            weights[name] = self._checked_weight(name, value, known)
+        with all_or_nothing([self.hf_model], self.cfg, self._recapture):
+            with torch.no_grad():
+                write_weights(self.hf_model, self.adapter, self.cfg, weights)
+            self.process_weights_(fold_ln, center_writing_weights, center_unembed, fold_value_biases,
+                                  refactor_factored_attn_matrices)
 
-                raise KeyError(unknown_hook_message(name, known).replace("hook point", "weight"))
-            weights[name] = value
-        with torch.no_grad():
-            write_weights(self.hf_model, self.adapter, self.cfg, weights)
-        self.process_weights_(fold_ln, center_writing_weights, center_unembed, fold_value_biases,
-                              refactor_factored_attn_matrices)
+    def _checked_weight(self, name: str, value, known: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A TransformerLens-layout weight for `name`, if this model has a place for it with that exact shape."""
+        from fxhook.processing.weight_dict import bias_homes
+        from fxhook.runtime.hooks import unknown_hook_message
+
+        layer, leaf = hook_names.layer_of(name), hook_names.leaf_of(name)
+        if layer is not None and not 0 <= layer < self.cfg.n_layers:
+            raise KeyError(f"state dict key {name!r} is for block {layer}, but this model has "
+                           f"n_layers={self.cfg.n_layers} blocks (0..{self.cfg.n_layers - 1})")
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"state dict value for {name!r} must be a tensor, got {type(value).__name__}")
+        if name in known:
+            shape = tuple(known[name].shape)
+        elif leaf.startswith("b_") or leaf == "b":
+            if bool(value.ne(0).any()) and name not in bias_homes(self.hf_model, self.adapter, self.cfg):
+                raise ValueError(f"state dict holds a nonzero {name!r}, but this {self.adapter.architectures[0]} "
+                                 f"model has no parameter it could live in: it would be lost")
+            shape = self._bias_shape(leaf)
+        else:
+            raise KeyError(unknown_hook_message(name, known).replace("hook point", "weight"))
+        if shape is not None and tuple(value.shape) != shape:
+            raise ValueError(f"state dict value for {name!r} has shape {tuple(value.shape)}, but this model's is "
+                             f"{shape}: shapes must match exactly (nothing is broadcast)")
+        if leaf == "b_in" and self.cfg.gated_mlp and bool(value.ne(0).any()):
+            raise ValueError(f"{name!r} is nonzero: TransformerLens adds a gated MLP's b_in after act(gate) * up, "
+                             f"which this HF model cannot represent (its up projection's bias sits inside the "
+                             f"product); loading it would change what the model computes")
+        return value
+
+    def _bias_shape(self, leaf: str) -> tuple[int, ...] | None:
+        c = self.cfg
+        return {"b_Q": (c.n_heads, c.d_head), "b_K": (c.n_kv_heads, c.d_head), "b_V": (c.n_kv_heads, c.d_head),
+                "b_O": (c.d_model,), "b_in": (c.d_mlp,), "b_gate": (c.d_mlp,), "b_out": (c.d_model,),
+                "b_U": (c.d_vocab_out,), "b": (c.d_model,)}.get(leaf)
 
     def _apply(self, fn, recurse=True):
         # Graphs built from the capture may hold their own references to lifted constants: rebuild them
@@ -184,6 +219,19 @@ class HookedTransformer(LoadingMixin, WeightViewsMixin, DatasetMixin, nn.Module)
         result = super()._apply(fn, recurse)
         self.graphs.clear(keep_capture=True)
         return result
+
+    @property
+    def graph_cache_size(self) -> int:
+        """How many hook sets keep their graphs (and, on a compiled model, their compiled code); 16 by
+        default. Calls that cycle among more hook sets than this rebuild, and recompile, the ones that
+        dropped out; within it, switching hook sets rebuilds and recompiles nothing."""
+        return self.graphs.max_variants
+
+    @graph_cache_size.setter
+    def graph_cache_size(self, size: int) -> None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"graph_cache_size must be a positive int, got {size!r}")
+        self.graphs.resize(size)
 
     # ---------------------------------------------------------------- compile
     @property
@@ -291,10 +339,24 @@ class HookedTransformer(LoadingMixin, WeightViewsMixin, DatasetMixin, nn.Module)
             with self.hooks((), (), reset_hooks_end, clear_contexts):
                 out, store = self._forward(names, *model_args, **model_kwargs)
             store = {k: (v.detach() if device is None else v.detach().to(device)) for k, v in store.items()}
+        if pos_slice is not None:
+            store = self._sliced_positions(store, pos_slice)
         cache = ActivationCache(store, self)
         if remove_batch_dim:
             cache.remove_batch_dim()
         return out, (cache if return_cache_object else cache.cache_dict)
+
+    @staticmethod
+    def _sliced_positions(store: dict[str, torch.Tensor], pos_slice) -> dict[str, torch.Tensor]:
+        """run_with_cache's pos_slice: each activation keeps only the selected positions (query positions
+        for patterns and scores), as TransformerLens's cache does: an int keeps its axis, of length 1."""
+        single = isinstance(pos_slice, int) and not isinstance(pos_slice, bool)
+        selection = as_slice([pos_slice] if single else pos_slice)
+        out = {}
+        for name, value in store.items():
+            axis = hook_names.position_axis(name.removesuffix("_grad"))
+            out[name] = value if axis is None or value.dim() <= axis else selection.apply(value, dim=axis)
+        return out
 
     def _cache_by_hooks(self, selected: Callable[[str], bool], model_args, model_kwargs, device, incl_bwd: bool,
                         reset_hooks_end: bool, clear_contexts: bool) -> dict[str, Any]:
@@ -365,7 +427,7 @@ class HookedTransformer(LoadingMixin, WeightViewsMixin, DatasetMixin, nn.Module)
             tokens, attention_mask = self.input_to_tokens(input, prepend_bos, padding_side, attention_mask)
             loss_tokens, residual = tokens, None
         else:
-            residual = input
+            residual = self._check_residual(input, start)
             if tokens is None:
                 tokens = torch.zeros(residual.shape[:2], dtype=torch.long, device=residual.device)
             if attention_mask is None:
@@ -402,6 +464,19 @@ class HookedTransformer(LoadingMixin, WeightViewsMixin, DatasetMixin, nn.Module)
         logits = self.decoder.run_growing(cache, tokens, attention_mask)
         return self._shaped_output(logits, tokens, attention_mask, return_type, loss_per_token)
 
+    def _check_residual(self, residual, start: int) -> torch.Tensor:
+        """start_at_layer's input: the residual stream entering block `start`, [batch, pos, d_model]."""
+        d_model = self.cfg.d_model
+        if not isinstance(residual, torch.Tensor) or not residual.is_floating_point():
+            got = f"a {residual.dtype} tensor (token ids?)" if isinstance(residual, torch.Tensor) else type(
+                residual).__name__
+            raise TypeError(f"with start_at_layer={start} the input is the residual stream entering that block, "
+                            f"a float tensor [batch, pos, d_model={d_model}], got {got}")
+        if residual.dim() != 3 or residual.shape[-1] != d_model or 0 in residual.shape[:2]:
+            raise ValueError(f"with start_at_layer={start} the input must have shape [batch, pos, d_model={d_model}] "
+                             f"(batch and pos at least 1), got {tuple(residual.shape)}")
+        return residual
+
     def _shaped_output(self, logits: torch.Tensor, tokens: torch.Tensor | None, attention_mask: torch.Tensor,
                        return_type: ReturnType, loss_per_token: bool):
         """What forward returns for `return_type`, from the logits [b, p, d_vocab]."""
@@ -423,14 +498,17 @@ class HookedTransformer(LoadingMixin, WeightViewsMixin, DatasetMixin, nn.Module)
 
     def _layer_range(self, start: int | None, stop: int | None) -> tuple[int | None, int | None]:
         n = self.cfg.n_layers
+        for name, value in (("start_at_layer", start), ("stop_at_layer", stop)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise TypeError(f"{name} must be an int (a block index), got {value!r}")
         if start is not None:
-            start = start + n if start < 0 else start
-            if not 0 <= start < n:
+            if not -n <= start < n:
                 raise ValueError(f"start_at_layer must be in [-{n}, {n}), got {start}")
+            start = start + n if start < 0 else start
         if stop is not None:
-            stop = stop + n if stop < 0 else stop
-            if not 0 <= stop <= n:
+            if not -n <= stop <= n:
                 raise ValueError(f"stop_at_layer must be in [-{n}, {n}], got {stop}")
+            stop = stop + n if stop < 0 else stop
         return start, stop
 
     # ---------------------------------------------------------------- devices
@@ -442,12 +520,13 @@ class HookedTransformer(LoadingMixin, WeightViewsMixin, DatasetMixin, nn.Module)
         """
         before = next(self.parameters())
         before = (before.device, before.dtype)
-        result = super().to(*args, **kwargs)
-        param = next(self.parameters())
-        self.cfg.device = str(param.device)
-        self.cfg.dtype = param.dtype
-        if (param.device, param.dtype) != before:
-            self._recapture()
+        with all_or_nothing([self, self.hf_model], self.cfg, self._recapture, clone=False):
+            result = super().to(*args, **kwargs)
+            param = next(self.parameters())
+            self.cfg.device = str(param.device)
+            self.cfg.dtype = param.dtype
+            if (param.device, param.dtype) != before:
+                self._recapture()
         return result
 
     def cuda(self, device=None) -> "HookedTransformer":  # type: ignore[override]
@@ -461,7 +540,9 @@ class HookedTransformer(LoadingMixin, WeightViewsMixin, DatasetMixin, nn.Module)
 
     # ------------------------------------------------------------------ flags
     def _set_flag(self, name: str, value: bool) -> None:
-        setattr(self.cfg, name, bool(value))
+        if not isinstance(value, bool):
+            raise TypeError(f"set_{name}(...) takes True or False, got {value!r}")
+        setattr(self.cfg, name, value)
 
     def set_use_attn_result(self, use_attn_result: bool) -> None:
         self._set_flag("use_attn_result", use_attn_result)

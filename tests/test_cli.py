@@ -114,6 +114,7 @@ def test_run_shows_the_top_next_tokens(folder, capsys):
     assert [eval(token) for token, _ in shown] == [model.to_string(t) for t in top.indices]  # repr'd tokens
     assert [float(p) for _, p in shown] == pytest.approx([100 * p.item() for p in top.values], abs=0.006)
     assert "Rank:" in out and "| Paris|" in out  # the answer's rank, through test_prompt
+    assert out.count("Tokenized prompt") + out.count("Prompt tokens") == 1  # the prompt's tokens, once
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -134,6 +135,7 @@ def test_bad_arguments_are_explained(folder, capsys, tmp_path, argv, message):
 
 
 def test_module_entry_point(folder):
-    done = subprocess.run([sys.executable, "-m", "fxhook.cli", "--help"], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0 and "usage: fxhook" in done.stdout
+    for module in ("fxhook.cli", "fxhook"):
+        done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0 and "usage: fxhook" in done.stdout

@@ -13,7 +13,6 @@ patches (progress=True/False to choose).
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
@@ -87,21 +86,6 @@ def layer_head_dest_src_pos_pattern_patch_setter(corrupted: torch.Tensor, index:
 
 
 # ------------------------------------------------------------------ the generic sweep
-@contextlib.contextmanager
-def _eager(model):
-    """Sweeps run eager: on a compiled model every newly hooked point would compile its own graph
-    (seconds to minutes each), which a sweep over layers never earns back."""
-    options = model.compile_options  # None: eager
-    if options is None:
-        yield
-        return
-    model.compile(False)
-    try:
-        yield
-    finally:
-        model.compile(True, backend=options.backend, mode=options.mode, dynamic=options.dynamic)
-
-
 def _axis_sizes(model, activation_name: str, n_pos: int) -> dict[str, int]:
     heads = model.cfg.n_kv_heads if activation_name in ("k", "v") else model.cfg.n_heads
     return {"layer": model.cfg.n_layers, "pos": n_pos, "src_pos": n_pos, "dest_pos": n_pos,
@@ -170,7 +154,7 @@ def generic_activation_patch(model: HookedTransformer, corrupted_tokens: torch.T
     show = len(rows) > PROGRESS_FROM if progress is None else progress
     per_run = max(1, int(patches_per_run))
     bar = tqdm(total=len(rows), desc=f"patching {activation_name}", disable=not show)
-    with torch.no_grad(), _eager(model):
+    with torch.no_grad(), model.graphs.eager():
         for start in range(0, len(rows), per_run):
             chunk = rows[start:start + per_run]
             by_name: dict[str, list[tuple[int, Sequence[int]]]] = {}

@@ -7,6 +7,7 @@ the paths written.
 """
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -48,7 +49,7 @@ def _write(fig, path: str | Path, html_fig=None) -> list[Path]:
     if path.suffix.lower() != ".png":
         raise ValueError(f"the picture is written as PNG: give a path ending in .png, got {str(path)!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")  # titles and labels are never cut off
     written = [path]
     if html_fig is not None:
         html_path = path.with_suffix(".html")
@@ -196,7 +197,8 @@ def plot_patching(results: torch.Tensor, path: str | Path, x_labels: Sequence[st
     ax.set_yticks(range(n_rows), y_labels, fontsize=7)
     ax.set_xlabel(x_title)
     ax.set_ylabel(y_title)
-    ax.set_title(title)
+    width_chars = max(20, int(fig.get_size_inches()[0] * 72 / 6.5))  # what fits at 9 pt, about 6.5 pt a character
+    ax.set_title(textwrap.fill(title, width_chars), fontsize=9, wrap=True)  # wrapped, never clipped
     fig.colorbar(image, ax=ax, label="metric")
     html_fig = None
     if html:

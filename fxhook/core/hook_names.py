@@ -202,6 +202,16 @@ def is_residual_site(name: str) -> bool:
     return key_of(name) == "hook_resid_mid"
 
 
+def position_axis(name: str) -> int | None:
+    """The axis of a hook's activation that runs over positions (query positions for a pattern), counted
+    from the batch axis at 0; None for a name the schema does not know."""
+    kind = kind_of(name)
+    if kind is None:
+        return None
+    axes = kind.axes.split()
+    return axes.index("query_pos") if "query_pos" in axes else axes.index("pos")
+
+
 def describe(name: str) -> tuple[str, str]:
     """(axes, meaning) of a hook point; ("", "") for one the schema does not know."""
     kind = kind_of(name)

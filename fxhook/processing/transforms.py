@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fxhook.core.hook_names import block_name, block_prefix
+from fxhook.core.hook_names import block_name, block_prefix, leaf_of
 
 Weights = dict[str, torch.Tensor]
 
@@ -98,6 +98,11 @@ def _balanced_factors(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torc
     return u[..., :rank] * root, vh[..., :rank, :].transpose(-1, -2) * root
 
 
+def _is_attention_weight(key: str) -> bool:
+    """An attention weight or bias the refactoring reads."""
+    return leaf_of(key) in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O")
+
+
 def refactor_factored_attn_matrices(sd: Weights, n_layers: int, n_heads: int, rotary: bool) -> Weights:
     """Re-factor W_QK and W_OV by SVD (TransformerLens's experimental refactoring): W_O becomes an
     isometry, W_Q and W_K columns pair up with equal norms. Biases ride along as an extra input
@@ -105,6 +110,10 @@ def refactor_factored_attn_matrices(sd: Weights, n_layers: int, n_heads: int, ro
     if rotary:
         raise ValueError("refactor_factored_attn_matrices needs position-independent QK circuits; "
                          "with rotary embeddings W_QK depends on the positions")
+    for key, value in sd.items():
+        if _is_attention_weight(key) and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"refactor_factored_attn_matrices: {key} has non-finite values (inf or NaN), which "
+                             f"no SVD can factor; fix the weights or leave the refactoring off")
     sd = fold_value_biases(sd, n_layers, n_heads)
     for layer in range(n_layers):
         p = block_name(layer, "attn.")

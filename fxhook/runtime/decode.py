@@ -19,6 +19,7 @@ with no hook point, the common case, skips dynamo altogether
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Callable
 
 import torch
@@ -38,8 +39,10 @@ def _guards_skipped(skip: bool):
     SmolLM2 that costs about a third of the compiled step's overhead above the matrix products. The
     decode steps of one generate call run the same graph on inputs of the same shapes, dtypes and
     strides, under the same grad mode, so with no hooks attached the guards' answer cannot change.
+    The stance is process-wide, so it is taken only while no other thread runs (a concurrent hooked
+    call would skip its guards too).
     """
-    if not skip:
+    if not skip or threading.active_count() > 1:
         return contextlib.nullcontext()
     try:
         return torch.compiler.set_stance(skip_guard_eval_unsafe=True)

@@ -26,7 +26,7 @@ import tqdm
 from fxhook.config import HookedTransformerConfig
 from fxhook.runtime.decode import Decoder, check_context_length
 from fxhook.runtime.graphs import GraphStore
-from fxhook.runtime.tokens import TextCodec
+from fxhook.runtime.tokens import TextCodec, check_token_ids
 from fxhook.runtime.kv_cache import StaticKVCache
 from fxhook.runtime.sampling import sample_logits
 
@@ -78,8 +78,11 @@ class Generator:
             tokens = input[None] if input.dim() == 1 else input
             if tokens.dim() != 2:
                 raise ValueError(f"token input must have shape [batch, pos], got {tuple(input.shape)}")
+            check_token_ids(tokens, self.cfg.d_vocab, "generate's input")
             mask = (self._checked_mask(attention_mask, tokens.shape) if attention_mask is not None
                     else self.codec.default_attention_mask(tokens, prepend_bos, padding_side))
+            if attention_mask is None:
+                self._warn_unmasked_padding(tokens, mask)
             prompt = _Prompt(tokens, None, mask, "tokens")
         else:
             raise TypeError(f"generate takes a string, a list of strings, tokens [batch, pos] or embeddings "
@@ -91,6 +94,21 @@ class Generator:
         if prompt.embeds is not None:
             prompt.embeds = prompt.embeds.to(param.device, param.dtype)
         return prompt
+
+    def _warn_unmasked_padding(self, tokens: torch.Tensor, mask: torch.Tensor) -> None:
+        """Token batches carry no padding information: say so when rows look padded but nothing masks them."""
+        pad = getattr(self.codec.tokenizer, "pad_token_id", None)
+        if pad is None or tokens.shape[0] < 2:
+            return
+        is_pad = (tokens == pad) & (mask != 0)
+        trailing = is_pad[:, -1]
+        leading = is_pad[:, :2].all(dim=-1) if tokens.shape[1] > 1 else torch.zeros_like(trailing)
+        if bool(trailing.any()) or bool(leading.any()):
+            rows = (trailing | leading).nonzero().flatten().tolist()
+            warnings.warn(f"rows {rows} of this token batch look padded (pad token {pad} at their ends), but no "
+                          f"attention_mask says so: generation reads the pad tokens as text and continues after "
+                          f"them. Pad on the left and pass attention_mask= (or padding_side='left'), or pass text",
+                          stacklevel=4)
 
     @staticmethod
     def _checked_mask(attention_mask: torch.Tensor | None, shape) -> torch.Tensor:
@@ -192,8 +210,12 @@ class Generator:
         history_mask = prompt.mask if prompt.tokens is not None else torch.zeros_like(history)
         run = self._step_runner(prompt, max_new_tokens, use_past_kv_cache, compiled) if max_new_tokens else None
         new = None
-        for _ in tqdm.tqdm(range(max_new_tokens), disable=not verbose):
+        for step in tqdm.tqdm(range(max_new_tokens), disable=not verbose):
             final = run(new)
+            if bool(torch.isnan(final).any()):
+                rows = torch.isnan(final).any(dim=-1).nonzero().flatten().tolist()
+                raise FloatingPointError(f"the logits of new token {step} are NaN (batch rows {rows}): a hook or the "
+                                         f"weights produced NaN, and no token can be chosen from them")
             if logits_out is not None:
                 logits_out.append(final.clone())
             if do_sample:

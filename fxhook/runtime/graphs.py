@@ -9,20 +9,58 @@ attached by name is live in whichever graph runs.
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import linecache
+from typing import Iterable, Iterator
+
 import torch
 from torch import fx, nn
+from torch.fx import graph_module as _fx_graph_module  # its source cache: the one handle fx gives on it
 
 from fxhook import pipeline
 from fxhook.adapter import Adapter, get_module
 from fxhook.config import HookedTransformerConfig
 from fxhook.core.graph import hook_point_nodes
-from fxhook.core.hook_point import HookPoint
+from fxhook.core.hook_point import HookPoint, call_hooked_points
 from fxhook.pipeline import DecodeKind, GraphSpec
 
 DEFAULT_MAX_VARIANTS = 16
+# set by `GraphStore.eager()` for the calls of one thread or task: run eagerly on a compiled model
+_EAGER: contextvars.ContextVar[bool] = contextvars.ContextVar("fxhook_eager", default=False)
+
+
+def _source_key(gm: fx.GraphModule) -> str:
+    """The fx source-cache key of `gm`'s generated forward."""
+    return type(gm).forward.__code__.co_filename
+
+
+def _fx_sources() -> dict[str, str]:
+    return _fx_graph_module._loader.eval_cache
+
+
+@contextlib.contextmanager
+def _sources_made() -> Iterator[list[str]]:
+    """The keys of the fx source-cache entries made in the block (every recompile makes one)."""
+    before = set(_fx_sources())
+    made: list[str] = []
+    try:
+        yield made
+    finally:
+        made.extend(k for k in list(_fx_sources()) if k not in before)
+
+
+def _release_sources(keys: Iterable[str]) -> None:
+    """Forget generated sources: fx keeps every graph's source (and linecache an entry) for ever
+    otherwise, which grows without bound as hook sets come and go."""
+    sources = _fx_sources()
+    for key in keys:
+        sources.pop(key, None)
+        linecache.cache.pop(key, None)
 
 
 @dataclass(frozen=True)
@@ -39,6 +77,7 @@ class GraphEntry:
     gm: fx.GraphModule
     _hook_dict: dict[str, HookPoint] | None = None
     compiled: dict[CompileOptions, Callable] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
     precompiled: Any = None  # runtime/precompiled.PrecompiledStep for hook-free static decode graphs
 
     @property
@@ -49,10 +88,11 @@ class GraphEntry:
 
     def compiled_with(self, options: CompileOptions) -> Callable:
         """torch.compile of this graph under `options`, made once."""
-        if options not in self.compiled:
-            self.compiled[options] = torch.compile(self.gm, backend=options.backend, mode=options.mode,
-                                                   dynamic=options.dynamic)
-        return self.compiled[options]
+        with self._lock:
+            if options not in self.compiled:
+                self.compiled[options] = torch.compile(self.gm, backend=options.backend, mode=options.mode,
+                                                       dynamic=options.dynamic)
+            return self.compiled[options]
 
 
 class GraphStore:
@@ -71,18 +111,22 @@ class GraphStore:
         self._kept: dict[tuple, GraphEntry] = {}  # graphs of whole flag combinations
         self._recent: collections.OrderedDict[tuple, GraphEntry] = collections.OrderedDict()  # per hook set
         self.built = 0  # graphs built since creation (tests and benchmarks read it)
+        self._lock = threading.RLock()  # graphs are built and evicted by one thread at a time
         self.compile_options: CompileOptions | None = None  # None: graphs run eagerly
 
     # ------------------------------------------------------------------ hook points
     def make_point(self, name: str) -> HookPoint:
         """The model's one HookPoint of this name (made on first use, shared by every graph)."""
-        if name not in self.points:
-            self.points[name] = HookPoint(name)
-        return self.points[name]
+        with self._lock:
+            if name not in self.points:
+                self.points[name] = HookPoint(name)
+            return self.points[name]
 
     def live_hooks(self) -> frozenset[str]:
         """Names of the hook points that have a hook now: the graph that runs keeps only these."""
-        return frozenset(name for name, p in self.points.items() if p.fwd_hooks or p.bwd_hooks)
+        live = {name for name, p in tuple(self.points.items()) if p.has_model_wide_hooks()}  # a snapshot
+        live.update(p.name for p in call_hooked_points() if self.points.get(p.name) is p)
+        return frozenset(live)
 
     # ------------------------------------------------------------------ captures
     def _ungrouped(self, spec: GraphSpec) -> bool:
@@ -90,21 +134,23 @@ class GraphStore:
 
     def captured(self, ungrouped: bool = False) -> fx.GraphModule:
         """The captured forward graph (markers, opaque attention), captured once."""
-        if ungrouped not in self._captured:
-            self._captured[ungrouped] = pipeline.capture_forward(self.hf_model, self.adapter, self.cfg, ungrouped)
-        return self._captured[ungrouped]
+        with self._lock:
+            if ungrouped not in self._captured:
+                self._captured[ungrouped] = pipeline.capture_forward(self.hf_model, self.adapter, self.cfg, ungrouped)
+            return self._captured[ungrouped]
 
     def decode_step(self, ungrouped: bool, kind: DecodeKind) -> fx.GraphModule:
         """The decode step with its cache lowered and verified, before hook points."""
-        key = (ungrouped, kind)
-        if key not in self._decode_steps:
-            if ungrouped not in self._decode_captured:
-                self._decode_captured[ungrouped] = pipeline.capture_decode(self.hf_model, self.adapter, self.cfg,
-                                                                           ungrouped)
-            embed = self.embed_tokens if kind.embeds else None
-            self._decode_steps[key] = pipeline.build_decode_step(
-                self._decode_captured[ungrouped], kind, self.captured(ungrouped), self.cfg, ungrouped, embed)
-        return self._decode_steps[key]
+        with self._lock:
+            key = (ungrouped, kind)
+            if key not in self._decode_steps:
+                if ungrouped not in self._decode_captured:
+                    self._decode_captured[ungrouped] = pipeline.capture_decode(self.hf_model, self.adapter, self.cfg,
+                                                                               ungrouped)
+                embed = self.embed_tokens if kind.embeds else None
+                self._decode_steps[key] = pipeline.build_decode_step(
+                    self._decode_captured[ungrouped], kind, self.captured(ungrouped), self.cfg, ungrouped, embed)
+            return self._decode_steps[key]
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token embeddings [b, p, d_model] as hook_embed sees them (before positional embeddings)."""
@@ -112,20 +158,37 @@ class GraphStore:
 
     # ------------------------------------------------------------------ graphs
     def _entry(self, key: tuple, pruned: bool, build: Callable[[], fx.GraphModule]) -> GraphEntry:
-        if key in self._kept:
-            return self._kept[key]
-        if key in self._recent:
-            self._recent.move_to_end(key)
-            return self._recent[key]
-        entry = GraphEntry(build())
-        self.built += 1
-        if not pruned:
-            self._kept[key] = entry
-        else:
-            self._recent[key] = entry
-            while len(self._recent) > self.max_variants:
-                self._recent.popitem(last=False)
-        return entry
+        with self._lock:
+            if key in self._kept:
+                return self._kept[key]
+            if key in self._recent:
+                self._recent.move_to_end(key)
+                return self._recent[key]
+            with _sources_made() as made:
+                entry = GraphEntry(build())
+            self.built += 1
+            if not pruned:
+                self._kept[key] = entry
+            else:
+                self._recent[key] = entry
+                self._evict()
+            _release_sources(set(made) - self._live_sources())  # the passes' intermediate sources
+            return entry
+
+    def resize(self, max_variants: int) -> None:
+        """Keep the graphs of at most `max_variants` hook sets (the least recently used go first)."""
+        with self._lock:
+            self.max_variants = max_variants
+            self._evict()
+
+    def _evict(self) -> None:
+        while len(self._recent) > self.max_variants:
+            _release_sources([_source_key(self._recent.popitem(last=False)[1].gm)])
+
+    def _live_sources(self) -> set[str]:
+        graphs = [*self._captured.values(), *self._decode_captured.values(), *self._decode_steps.values(),
+                  *(e.gm for e in self._kept.values()), *(e.gm for e in self._recent.values())]
+        return {_source_key(gm) for gm in graphs}
 
     def forward(self, spec: GraphSpec) -> GraphEntry:
         """The hooked forward graph for `spec`."""
@@ -141,21 +204,34 @@ class GraphStore:
 
     def run(self, entry: GraphEntry, *args: torch.Tensor) -> Any:
         """The graph on `args`, through torch.compile when the model is compiled."""
-        if self.compile_options is None:
+        if self.compile_options is None or _EAGER.get():
             return entry.gm(*args)
         return entry.compiled_with(self.compile_options)(*args)
+
+    @contextlib.contextmanager
+    def eager(self):
+        """Within the block, this thread's or task's calls run eagerly even on a compiled model (sweeps that
+        hook a new point per call would compile each time); other threads are not affected."""
+        token = _EAGER.set(True)
+        try:
+            yield
+        finally:
+            _EAGER.reset(token)
 
     def clear(self, keep_capture: bool = False) -> None:
         """Forget every graph (the weights were replaced or moved): the next request captures again,
         or with `keep_capture` builds again from the (moved) forward capture. Hook points, and the hooks
         on them, stay."""
-        kept = {False: self._captured[False]} if keep_capture and False in self._captured else {}
-        self._captured.clear()
-        self._captured.update(kept)
-        self._decode_captured.clear()
-        self._decode_steps.clear()
-        self._kept.clear()
-        self._recent.clear()
+        with self._lock:
+            before = self._live_sources()
+            kept = {False: self._captured[False]} if keep_capture and False in self._captured else {}
+            self._captured.clear()
+            self._captured.update(kept)
+            self._decode_captured.clear()
+            self._decode_steps.clear()
+            self._kept.clear()
+            self._recent.clear()
+            _release_sources(before - self._live_sources())
 
     def __len__(self) -> int:
         return len(self._kept) + len(self._recent)

@@ -1,7 +1,8 @@
 """Attaching user hooks to HookPoints by name or filter, and taking them off again.
 
-Every way in (add_hook, the `hooks()` context, run_with_hooks) ends in the
-same place, so removal is guaranteed on return or exception.
+`add` attaches model-wide hooks (add_hook, add_perma_hook: every call sees them). `attached`
+(the `hooks()` context, run_with_hooks, run_with_cache, generate) attaches a call's hooks to the
+current thread or asyncio task only, and they are gone when the block ends, by return or exception.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import contextlib
 import difflib
 from typing import Callable, Iterable, Iterator, Sequence, Union
 
-from fxhook.core.hook_point import Direction, HookEntry, HookFn, HookPoint
+from fxhook.core.hook_point import Direction, HookEntry, HookFn, HookPoint, call_hooks, drop_call_hooks
 
 NameOrFilter = Union[str, Callable[[str], bool], Sequence[str]]
 HookSpec = tuple[NameOrFilter, HookFn]
@@ -63,6 +64,7 @@ class HookRegistry:
 
     def reset(self, including_permanent: bool = False, clear_contexts: bool = True,
               all_points: Iterable[HookPoint] | None = None) -> None:
+        drop_call_hooks()
         for p in (all_points if all_points is not None else self.points.values()):
             p.remove_hooks("both", including_permanent=including_permanent)
             if clear_contexts:
@@ -71,17 +73,23 @@ class HookRegistry:
     @contextlib.contextmanager
     def attached(self, fwd_hooks: Sequence[HookSpec] = (), bwd_hooks: Sequence[HookSpec] = (),
                  reset_hooks_end: bool = True, clear_contexts: bool = False) -> Iterator[None]:
-        """Attach hooks for the block; take exactly these off again however the block ends."""
-        added: list[tuple[HookPoint, HookEntry]] = []
-        try:
-            for direction, specs in (("fwd", fwd_hooks), ("bwd", bwd_hooks)):
-                for name_or_filter, fn in specs:
-                    added += self.add(name_or_filter, fn, dir=direction)
+        """Attach hooks for the block, to this thread or task only. With reset_hooks_end=False they are
+        attached model-wide instead and stay after the block (TransformerLens's meaning)."""
+        for _, fn in (*fwd_hooks, *bwd_hooks):
+            if not callable(fn):
+                raise TypeError(f"a hook must be callable as fn(activation, hook), got {type(fn).__name__}")
+        added = [(point, direction, HookEntry(fn))
+                 for direction, specs in (("fwd", fwd_hooks), ("bwd", bwd_hooks))
+                 for name_or_filter, fn in specs for point in self.select(name_or_filter)]
+        if not reset_hooks_end:
+            for point, direction, entry in added:
+                point.add_hook(entry.fn, dir=direction)
             yield
+            return
+        try:
+            with call_hooks(added):
+                yield
         finally:
-            if reset_hooks_end:
-                for point, entry in added:
-                    point.remove_entry(entry)
-                if clear_contexts:
-                    for point, _ in added:
-                        point.clear_context()
+            if clear_contexts:
+                for point, _, _ in added:
+                    point.clear_context()

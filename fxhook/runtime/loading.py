@@ -34,10 +34,14 @@ copied first so the caller's model is left as it was.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import os
+import sys
+import time
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -256,6 +260,36 @@ def _load_tokenizer(source: str, kwargs: dict, revision: str | None, trust_remot
         return None
 
 
+@contextlib.contextmanager
+def _one_progress_line(name: str) -> Iterator[None]:
+    """Loading prints one line of ours (to stderr) instead of the bars of transformers, the GGUF reader and
+    accelerate; each library's own setting comes back afterwards."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    gguf_tqdm = getattr(gguf_utils, "tqdm", None)
+    hf_logging.disable_progress_bar()
+    if gguf_tqdm is not None:
+        gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
+    start = time.perf_counter()
+    print(f"fxhook: loading {name} ...", end="", file=sys.stderr, flush=True)
+    try:
+        yield
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+        if gguf_tqdm is not None:
+            gguf_utils.tqdm = gguf_tqdm
+        print(f" {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+
+
+def hub_offline() -> bool:
+    """The user said the hub is not to be used (huggingface_hub's and transformers' own switches)."""
+    return any(os.environ.get(var, "").strip().lower() in ("1", "on", "yes", "true")
+               for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
 def load_hf(model_name_or_path: str, *, dtype: torch.dtype, revision: str | None, trust_remote_code: bool,
             load_tokenizer: bool, hf_kwargs: dict) -> tuple[nn.Module, Any, str]:
     """(HF causal LM, tokenizer or None, display name) for a short name, local path or hub name."""
@@ -270,6 +304,9 @@ def load_hf(model_name_or_path: str, *, dtype: torch.dtype, revision: str | None
         found = _local_source(name)
     source, extra = found if found is not None else (name, {})
     kwargs = {**extra, **hf_kwargs}
+    offline = hub_offline()
+    if offline and not is_local:  # nothing may reach the hub: look in the local cache only, and fail at once
+        kwargs.setdefault("local_files_only", True)
     if revision is not None and is_local:
         warnings.warn(f"revision={revision!r} is ignored: {name!r} is a local model", stacklevel=4)
         revision = None
@@ -280,7 +317,9 @@ def load_hf(model_name_or_path: str, *, dtype: torch.dtype, revision: str | None
                                                         trust_remote_code=trust_remote_code, **kwargs)
     except OSError as e:
         where = "local path" if is_local else "local folder or hub model"
-        raise OSError(f"could not load {name!r} as a {where} ({e}). Models available with no hub: "
+        mode = (" The hub is off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set), so only the local cache was "
+                "searched." if offline and not is_local else "")
+        raise OSError(f"could not load {name!r} as a {where} ({e}).{mode} Models available with no hub: "
                       f"{', '.join(offline_model_names())}") from e
     tokenizer = _load_tokenizer(source, kwargs, revision, trust_remote_code) if load_tokenizer else None
     return hf_model, tokenizer, canonical_name(name)
@@ -339,7 +378,8 @@ class LoadingMixin:
         Args:
             model_name_or_path: a short name of a packaged model ("smollm2"), a local folder or
                 .gguf file, or a hub name. With hf_model= it is only the model's name.
-            hf_model: a HF causal-LM object to use (in place: its parameters are shared).
+            hf_model: a HF causal-LM object to use (in place: its parameters are shared, so a dtype= or
+                device= other than its own converts the caller's model too; pass a copy to keep it).
             tokenizer: the tokenizer; by default loaded from the same place as the model (None
                 with hf_model=). Without one the model takes token ids only.
             dtype: torch dtype or "float32"/"fp32", "float16"/"fp16", "bfloat16"/"bf16",
@@ -399,9 +439,10 @@ class LoadingMixin:
             if name is None:
                 raise ValueError("from_pretrained needs a model: a short name (e.g. 'smollm2'), a local "
                                  "folder, a hub name, or hf_model=")
-            hf_model, loaded_tokenizer, name = load_hf(
-                name, dtype=dtype or torch.float32, revision=revision, trust_remote_code=trust_remote_code,
-                load_tokenizer=tokenizer is None, hf_kwargs=hf_kwargs)
+            with _one_progress_line(name):
+                hf_model, loaded_tokenizer, name = load_hf(
+                    name, dtype=dtype or torch.float32, revision=revision, trust_remote_code=trust_remote_code,
+                    load_tokenizer=tokenizer is None, hf_kwargs=hf_kwargs)
             tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
             dtype = dtype or torch.float32
             device = device if device is not None else default_device()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import threading
 import warnings
 from typing import Any
 
@@ -30,7 +31,8 @@ class PrecompiledStep:
     def __init__(self, graph: fx.GraphModule):
         self.graph = graph
         self._artifacts: dict[tuple, Any] = {}
-        self._last: Any = None
+        self._last = threading.local()  # per thread: concurrent generate calls may use other layouts
+        self._lock = threading.Lock()
 
     def _key(self, args: tuple[torch.Tensor, ...]) -> tuple:
         layouts = tuple((a.shape, a.stride(), a.dtype, a.device) for a in args)
@@ -61,12 +63,14 @@ class PrecompiledStep:
     def __call__(self, *args: torch.Tensor, same_as_last: bool = False) -> Any:
         """Run the step. `same_as_last`: the caller knows the inputs have the layouts of the last call
         (the next token of the same generate call) and no parameter was replaced since."""
-        if not same_as_last or self._last is None:
+        last = getattr(self._last, "artifact", None)
+        if not same_as_last or last is None:
             key = self._key(args)
-            if key not in self._artifacts:
-                self._artifacts[key] = self._compile(args)
-            self._last = self._artifacts[key]
-        return self._last(*args)
+            with self._lock:
+                if key not in self._artifacts:
+                    self._artifacts[key] = self._compile(args)
+            last = self._last.artifact = self._artifacts[key]
+        return last(*args)
 
 
 def _inductor(graph: fx.GraphModule, args: tuple[torch.Tensor, ...], cpp_wrapper: bool) -> Any:

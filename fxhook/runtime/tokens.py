@@ -41,6 +41,28 @@ def _as_token_tensor(tokens: TokensLike) -> torch.Tensor:
     raise TypeError(f"expected token ids (a tensor, numpy array, int or list of ints), got {type(tokens).__name__}")
 
 
+def check_token_ids(tokens: torch.Tensor, vocab_size: int | None, what: str = "the input") -> torch.Tensor:
+    """`tokens` if it is a usable batch of token ids [batch >= 1, pos >= 1] within the vocabulary; a clear
+    error otherwise (one check at the boundary, for every way tokens come in)."""
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise TypeError(f"{what} must be integer token ids, got a {tokens.dtype} tensor (embeddings are not "
+                        f"tokens: generate takes them as input; forward takes the residual stream with "
+                        f"start_at_layer)")
+    if tokens.dim() != 2:
+        raise ValueError(f"{what} must have shape [batch, pos] (or [pos]), got {tuple(tokens.shape)}")
+    if tokens.shape[0] == 0:
+        raise ValueError(f"{what} has no rows (batch size 0): pass at least one sequence")
+    if tokens.shape[1] == 0:
+        raise ValueError(f"{what} has no tokens (an empty string with prepend_bos=False tokenizes to nothing): "
+                         f"pass at least one token")
+    if vocab_size is not None:
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"{what} holds token id {bad}, outside the vocabulary [0, {vocab_size})")
+    return tokens
+
+
 class TextCodec:
     """Text <-> tokens for one model: to_tokens, to_string, to_str_tokens, ... (HookedTransformer's
     methods of these names delegate here). Holds the tokenizer; reads the model's config for its
@@ -89,6 +111,10 @@ class TextCodec:
         self.cfg.tokenizer_prepends_bos = bool(len(empty) > 0 and tok.bos_token_id is not None
                                                and empty[0] == tok.bos_token_id)
         self.cfg.tokenizer_name = getattr(tok, "name_or_path", None) or type(tok).__name__
+
+    def _decodable(self) -> int:
+        """Ids below this decode: the tokenizer's and the model's vocabulary (which may be padded)."""
+        return max(len(self.tokenizer), self.cfg.d_vocab or 0)
 
     def _require_tokenizer(self, what: str):
         if self.tokenizer is None:
@@ -160,17 +186,19 @@ class TextCodec:
     # ---------------------------------------------------------------- model input
     def input_to_tokens(self, input, prepend_bos, padding_side, attention_mask):
         """Tokens [b, p] and the padding mask [b, p] for any accepted model input."""
+        if isinstance(input, (list, tuple)) and input and all(isinstance(t, (int, np.integer)) for t in input):
+            raise TypeError("a list of ints is not model input: pass token ids as a tensor, torch.tensor([ids]) "
+                            "(text is a string or a list of strings)")
         if isinstance(input, (str, list, tuple)):
             tokens, real = self._tokenize(input, prepend_bos, padding_side)
             if attention_mask is None:
                 attention_mask = real if self._padding_side(padding_side) == "left" else torch.ones_like(tokens)
         elif isinstance(input, torch.Tensor):
             tokens = input[None] if input.dim() == 1 else input
-            if tokens.dim() != 2:
-                raise ValueError(f"token input must have shape [batch, pos] or [pos], got {tuple(input.shape)}")
         else:
             raise TypeError(f"model input must be a string, a list of strings or a token tensor, "
                             f"got {type(input).__name__}")
+        check_token_ids(tokens, self.cfg.d_vocab, "the model input")
         if self.cfg.device is not None:
             tokens = tokens.to(self.cfg.device)
         if attention_mask is None:
@@ -204,6 +232,8 @@ class TextCodec:
         """Decode token ids: a string for a rank-0/1 input, a list of strings for a [batch, pos] input."""
         tok = self._require_tokenizer("to_string")
         tokens = _as_token_tensor(tokens)
+        if tokens.numel():
+            check_token_ids(tokens.reshape(1, -1), self._decodable(), "to_string's input")
         if tokens.dim() == 2:
             return tok.batch_decode(tokens.tolist(), clean_up_tokenization_spaces=False)
         if tokens.dim() <= 1:
@@ -230,6 +260,8 @@ class TextCodec:
                 tokens = tokens[None]
             if tokens.dim() != 1:
                 raise ValueError(f"to_str_tokens takes tokens of shape [pos] or [1, pos], got {tuple(tokens.shape)}")
+            if tokens.numel():
+                check_token_ids(tokens[None], self._decodable(), "to_str_tokens' input")
         return tok.batch_decode([[int(t)] for t in tokens.tolist()], clean_up_tokenization_spaces=False)
 
     def to_single_token(self, string: str) -> int:
