@@ -177,3 +177,18 @@ def test_offline_hub_fails_at_once_with_the_reason():
     with pytest.raises(OSError, match="The hub is off .*Models available with no hub: .*smollm2"):
         HookedTransformer.from_pretrained("gpt2-such-a-model-is-not-cached")
     assert time.perf_counter() - start < 10
+
+
+def test_an_unreachable_hub_fails_at_once_with_the_reason(monkeypatch):
+    """No HF_HUB_OFFLINE, but no network either: one quick probe (stubbed here: tests never reach out)
+    sends the loader to the local cache instead of the hub client's half-minute of retries."""
+    from fxhook.runtime import loading
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    probes = []
+    monkeypatch.setattr(loading, "_hub_reachable", lambda *a, **k: probes.append(1) or False)
+    start = time.perf_counter()
+    with pytest.raises(OSError, match="The hub cannot be reached from here, so only the local cache was searched"):
+        HookedTransformer.from_pretrained("gpt2-such-a-model-is-not-cached")
+    assert probes == [1] and time.perf_counter() - start < 10

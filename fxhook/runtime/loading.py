@@ -284,6 +284,19 @@ def _one_progress_line(name: str) -> Iterator[None]:
         print(f" {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
 
 
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """One quick request to the hub (through huggingface_hub's own session, proxies included), so that a
+    machine without network fails at once instead of after the hub client's retries (about 30 s)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout_s)
+    except Exception:  # noqa: BLE001 - any failure to connect means: not reachable now
+        return False
+    return True
+
+
 def hub_offline() -> bool:
     """The user said the hub is not to be used (huggingface_hub's and transformers' own switches)."""
     return any(os.environ.get(var, "").strip().lower() in ("1", "on", "yes", "true")
@@ -305,7 +318,8 @@ def load_hf(model_name_or_path: str, *, dtype: torch.dtype, revision: str | None
     source, extra = found if found is not None else (name, {})
     kwargs = {**extra, **hf_kwargs}
     offline = hub_offline()
-    if offline and not is_local:  # nothing may reach the hub: look in the local cache only, and fail at once
+    unreachable = not is_local and not offline and "local_files_only" not in kwargs and not _hub_reachable()
+    if (offline or unreachable) and not is_local:  # look in the local cache only, and fail at once if it is not there
         kwargs.setdefault("local_files_only", True)
     if revision is not None and is_local:
         warnings.warn(f"revision={revision!r} is ignored: {name!r} is a local model", stacklevel=4)
@@ -318,7 +332,8 @@ def load_hf(model_name_or_path: str, *, dtype: torch.dtype, revision: str | None
     except OSError as e:
         where = "local path" if is_local else "local folder or hub model"
         mode = (" The hub is off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set), so only the local cache was "
-                "searched." if offline and not is_local else "")
+                "searched." if offline and not is_local else
+                " The hub cannot be reached from here, so only the local cache was searched." if unreachable else "")
         raise OSError(f"could not load {name!r} as a {where} ({e}).{mode} Models available with no hub: "
                       f"{', '.join(offline_model_names())}") from e
     tokenizer = _load_tokenizer(source, kwargs, revision, trust_remote_code) if load_tokenizer else None
