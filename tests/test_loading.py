@@ -393,3 +393,12 @@ def test_each_processing_flag_is_honoured_by_both_loaders(flag):
         torch.testing.assert_close(fx_logits(model, tokens).log_softmax(-1), hf_logits(hf, tokens).log_softmax(-1),
                                    atol=1e-4, rtol=0)
         assert model.cfg.layer_norm_folding == (flag == "fold_ln")
+
+
+def test_loading_prints_one_line_of_ours_and_no_library_bars(gpt2_folder, capfd):
+    folder, _ = gpt2_folder
+    load(str(folder), device="cpu")
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len([line for line in lines if line.startswith("fxhook: loading")]) == 1
+    assert "Loading weights" not in err and "it/s]" not in err

@@ -65,3 +65,21 @@ def test_patching_heatmap(run, tmp_path):
         plots.plot_patching(torch.zeros(2, 3, 4), tmp_path / "p.png")
     with pytest.raises(ValueError, match="do not fit"):
         plots.plot_patching(results, tmp_path / "p.png", x_labels=str_tokens[:2])
+
+
+def test_a_long_patching_title_is_wrapped_inside_the_picture(run, tmp_path, monkeypatch):
+    drawn = []
+    real_write = plots._write
+
+    def keep_figure(fig, path, html_fig=None):
+        drawn.append(fig)
+        return real_write(fig, path, html_fig)
+    monkeypatch.setattr(plots, "_write", keep_figure)
+    title = "resid_pre: logit(' Paris') - logit(' Rome'); clean 6.21, corrupted -3.70, and a little more text"
+    plots.plot_patching(torch.randn(3, 4), tmp_path / "narrow.png", title=title)
+    fig = drawn[0]
+    fig.canvas.draw()
+    text = fig.axes[0].title
+    assert "\n" in text.get_text() and text.get_text().replace("\n", " ") == title
+    box, page = text.get_window_extent(), fig.bbox
+    assert page.x0 <= box.x0 and box.x1 <= page.x1 and box.y1 <= page.y1  # nothing cut at either edge
