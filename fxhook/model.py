@@ -46,6 +46,13 @@ class Output(tuple):
         return self[1]
 
 
+def _refuse_level(level: int | None) -> None:
+    """TransformerLens's hook `level` (nested hook contexts) has no meaning here: refused, not ignored."""
+    if level is not None:
+        raise ValueError(f"level={level!r} is not supported: fxhook's hooks() blocks nest by themselves (each "
+                         f"block removes exactly its own hooks); call without level")
+
+
 def _delegate(collaborator: str, method: Callable) -> Callable:
     """A HookedTransformer method that calls `method` on the model's `collaborator` (same name, signature
     and docstring, so help() and TransformerLens-style calls see the collaborator's)."""
@@ -285,6 +292,7 @@ class HookedTransformer(LoadingMixin, WeightViewsMixin, DatasetMixin, nn.Module)
 
     def add_hook(self, name: NameOrFilter, hook: Callable, dir: Literal["fwd", "bwd"] = "fwd",
                  is_permanent: bool = False, level: int | None = None, prepend: bool = False) -> None:
+        _refuse_level(level)
         self.hook_registry.add(name, hook, dir=dir, is_permanent=is_permanent, prepend=prepend)
 
     def add_perma_hook(self, name: NameOrFilter, hook: Callable, dir: Literal["fwd", "bwd"] = "fwd") -> None:
@@ -292,11 +300,15 @@ class HookedTransformer(LoadingMixin, WeightViewsMixin, DatasetMixin, nn.Module)
 
     def reset_hooks(self, clear_contexts: bool = True, direction: str = "both",
                     including_permanent: bool = False, level: int | None = None) -> None:
-        self.hook_registry.reset(including_permanent, clear_contexts, all_points=self.graphs.points.values())
+        """Remove the hooks of `direction` ("fwd", "bwd" or "both"): the model-wide ones (permanent too with
+        including_permanent) and, inside a hooks() block, this call's."""
+        _refuse_level(level)
+        self.hook_registry.reset(including_permanent, clear_contexts, all_points=self.graphs.points.values(),
+                                 direction=direction)
 
     def remove_all_hook_fns(self, direction: str = "both", including_permanent: bool = False,
                             level: int | None = None) -> None:
-        self.reset_hooks(False, direction, including_permanent)
+        self.reset_hooks(False, direction, including_permanent, level)
 
     def clear_contexts(self) -> None:
         for point in self.graphs.points.values():
@@ -416,6 +428,9 @@ class HookedTransformer(LoadingMixin, WeightViewsMixin, DatasetMixin, nn.Module)
                  past_kv_cache=None, shortformer_pos_embed=None) -> tuple[Any, dict[str, torch.Tensor]]:
         """forward's output and the activations of the hook points in `keep` (the call's whole state:
         nothing about it is left on the model)."""
+        if shortformer_pos_embed is not None:
+            raise NotImplementedError("shortformer_pos_embed is not supported: fxhook runs the HF model's own "
+                                      "positional embedding; leave it None")
         if past_kv_cache is not None:  # the decode graph, reading and extending the cache (runtime/generate.py)
             if keep:
                 raise ValueError("past_kv_cache keeps activations through hooks, not graph outputs")
@@ -513,7 +528,7 @@ class HookedTransformer(LoadingMixin, WeightViewsMixin, DatasetMixin, nn.Module)
 
     # ---------------------------------------------------------------- devices
     def to(self, *args, print_details: bool = False, **kwargs) -> "HookedTransformer":  # type: ignore[override]
-        """nn.Module.to, keeping cfg.device / cfg.dtype in step. print_details: TransformerLens's, unused.
+        """nn.Module.to, keeping cfg.device / cfg.dtype in step; print_details says where the model went.
 
         The captured graph is specialised to the dtype and device it was captured on, so a change of
         either captures the HF model again (seconds; attached hooks stay, by name).
@@ -527,6 +542,8 @@ class HookedTransformer(LoadingMixin, WeightViewsMixin, DatasetMixin, nn.Module)
             self.cfg.dtype = param.dtype
             if (param.device, param.dtype) != before:
                 self._recapture()
+        if print_details:
+            print(f"Moved model to device {param.device}, dtype {param.dtype}")
         return result
 
     def cuda(self, device=None) -> "HookedTransformer":  # type: ignore[override]

@@ -192,3 +192,30 @@ def test_an_unreachable_hub_fails_at_once_with_the_reason(monkeypatch):
     with pytest.raises(OSError, match="The hub cannot be reached from here, so only the local cache was searched"):
         HookedTransformer.from_pretrained("gpt2-such-a-model-is-not-cached")
     assert probes == [1] and time.perf_counter() - start < 10
+
+
+# ------------------------------------------------------------------ no keyword accepted and ignored
+def test_reset_hooks_follows_its_direction(gpt2):
+    name = "blocks.0.hook_resid_post"
+    gpt2.add_hook(name, lambda x, hook: None)
+    gpt2.add_hook(name, lambda g, hook: None, dir="bwd")
+    gpt2.reset_hooks(direction="fwd")
+    point = gpt2.hook_dict[name]
+    assert len(point.fwd_hooks) == 0 and len(point.bwd_hooks) == 1
+    with gpt2.hooks(fwd_hooks=[(name, lambda x, hook: None)], bwd_hooks=[(name, lambda g, hook: None)]):
+        gpt2.reset_hooks(direction="bwd")  # this call's backward hook goes, its forward hook stays
+        assert len(point.fwd_hooks) == 1 and len(point.bwd_hooks) == 0
+    gpt2.reset_hooks()
+    assert not point.fwd_hooks and not point.bwd_hooks
+    with pytest.raises(ValueError, match="direction must be"):
+        gpt2.reset_hooks(direction="forward")
+
+
+def test_keywords_fxhook_cannot_honour_are_refused(gpt2, capsys):
+    tokens = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match="level=1 is not supported"):
+        gpt2.add_hook("blocks.0.hook_resid_post", lambda x, hook: None, level=1)
+    with pytest.raises(NotImplementedError, match="shortformer_pos_embed is not supported"):
+        gpt2(tokens, shortformer_pos_embed=torch.zeros(1, 3, 16))
+    gpt2.to("cpu", print_details=True)
+    assert "Moved model to device cpu, dtype torch.float32" in capsys.readouterr().out

@@ -62,9 +62,11 @@ def call_hooked_points() -> Iterator["HookPoint"]:
     return iter(_CALL_HOOKS.get())
 
 
-def drop_call_hooks() -> None:
+def drop_call_hooks(direction: Literal["fwd", "bwd", "both"] = "both") -> None:
     """Remove the hooks of the calls running in this context (reset_hooks inside a hooks() block)."""
-    _CALL_HOOKS.set({})
+    drop_fwd, drop_bwd = direction in ("fwd", "both"), direction in ("bwd", "both")
+    kept = {point: (() if drop_fwd else fwd, () if drop_bwd else bwd) for point, (fwd, bwd) in _CALL_HOOKS.get().items()}
+    _CALL_HOOKS.set({point: hooks for point, hooks in kept.items() if hooks[0] or hooks[1]})
 
 
 class HookPoint(nn.Module):

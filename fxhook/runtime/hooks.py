@@ -63,10 +63,12 @@ class HookRegistry:
                 for p in self.select(name_or_filter)]
 
     def reset(self, including_permanent: bool = False, clear_contexts: bool = True,
-              all_points: Iterable[HookPoint] | None = None) -> None:
-        drop_call_hooks()
+              all_points: Iterable[HookPoint] | None = None, direction: str = "both") -> None:
+        if direction not in ("fwd", "bwd", "both"):
+            raise ValueError(f"direction must be 'fwd', 'bwd' or 'both', got {direction!r}")
+        drop_call_hooks(direction)
         for p in (all_points if all_points is not None else self.points.values()):
-            p.remove_hooks("both", including_permanent=including_permanent)
+            p.remove_hooks(direction, including_permanent=including_permanent)
             if clear_contexts:
                 p.clear_context()
 
