@@ -88,16 +88,18 @@ def _pick(candidates: dict[str, nn.Module], names: tuple[str, ...]) -> str | Non
 
 
 class _Inference:
-    def __init__(self, hf_model: nn.Module):
+    def __init__(self, hf_model: nn.Module, supported: list[str] | None = None):
         self.hf = hf_model
         self.config = hf_model.config
         self.name = type(hf_model).__name__
+        self.supported = supported
 
     def fail(self, what: str) -> CannotInferAdapter:
+        known = f" Architectures with an adapter: {', '.join(self.supported)}." if self.supported else ""
         return CannotInferAdapter(
             f"fxhook has no adapter for {self.name} and could not infer one from its module tree: {what}. "
             f"Write an Adapter for it in adapters/ (adapters/llama.py is the common layout, adapters/neox.py a "
-            f"fused and parallel one) and add it to ADAPTERS in adapters/__init__.py.")
+            f"fused and parallel one) and add it to ADAPTERS in adapters/__init__.py.{known}")
 
     # ------------------------------------------------------------------ the module tree
     def blocks(self) -> str:
@@ -335,7 +337,7 @@ class _Inference:
 def infer_adapter(hf_model: nn.Module, supported: list[str] | None = None) -> Adapter:
     """The inferred adapter for `hf_model`, with a warning naming its paths; CannotInferAdapter
     (a NotImplementedError) naming what was not found otherwise."""
-    adapter = _Inference(hf_model).infer()
+    adapter = _Inference(hf_model, supported).infer()
     pos, norms, attn, ff = adapter.positions, adapter.norms, adapter.attention, adapter.feed_forward
     sites = {"embed": adapter.embed, "pos_embed": pos.pos_embed, "blocks": adapter.blocks, "ln1": norms.ln1,
              "attn": attn.path, "ln2": norms.ln2, "mlp": ff.path, "final_norm": adapter.final_norm,

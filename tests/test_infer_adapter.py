@@ -294,8 +294,9 @@ def test_inferred_adapter_processing_and_generation(style):
     ("swapped_gate", r"down projection does not read silu\(gate\) \* up.*adapters/"),
 ])
 def test_unusual_layouts_get_an_error_naming_what_is_missing(style, names):
-    with pytest.raises(CannotInferAdapter, match=f"no adapter for TinyDecoderForCausalLM.*{names}"):
+    with pytest.raises(CannotInferAdapter, match=f"no adapter for TinyDecoderForCausalLM.*{names}") as error:
         HookedTransformer.from_pretrained_no_processing(hf_model=tiny(style, 0))
+    assert "Architectures with an adapter: " in str(error.value) and "LlamaForCausalLM" in str(error.value)
 
 
 ADAPTER_FIELDS = ("embed", "pos_embed", "blocks", "final_norm", "unembed", "ln1", "attn", "ln2", "mlp", "norm_kind",
