@@ -16,6 +16,7 @@ from fxhook.datasets import DatasetMixin
 from fxhook.pipeline import ACTIVATION_NAMES, DecodeKind, GraphSpec
 from fxhook.analysis.cache import ActivationCache
 from fxhook.analysis.slicing import as_slice
+from fxhook.processing.checks import checked_tl_weight
 from fxhook.runtime.atomic import all_or_nothing
 from fxhook.runtime.decode import Decoder, check_context_length
 from fxhook.runtime.generate import Generator
@@ -177,47 +178,12 @@ class HookedTransformer(LoadingMixin, WeightViewsMixin, DatasetMixin, nn.Module)
             if key.endswith(ignored):
                 continue
             name = key.replace("._W_", ".W_").replace("._b_", ".b_")
-            weights[name] = self._checked_weight(name, value, known)
+            weights[name] = checked_tl_weight(name, value, known, self.hf_model, self.adapter, self.cfg)
         with all_or_nothing([self.hf_model], self.cfg, self._recapture):
             with torch.no_grad():
                 write_weights(self.hf_model, self.adapter, self.cfg, weights)
             self.process_weights_(fold_ln, center_writing_weights, center_unembed, fold_value_biases,
                                   refactor_factored_attn_matrices)
-
-    def _checked_weight(self, name: str, value, known: dict[str, torch.Tensor]) -> torch.Tensor:
-        """A TransformerLens-layout weight for `name`, if this model has a place for it with that exact shape."""
-        from fxhook.processing.weight_dict import bias_homes
-        from fxhook.runtime.hooks import unknown_hook_message
-
-        layer, leaf = hook_names.layer_of(name), hook_names.leaf_of(name)
-        if layer is not None and not 0 <= layer < self.cfg.n_layers:
-            raise KeyError(f"state dict key {name!r} is for block {layer}, but this model has "
-                           f"n_layers={self.cfg.n_layers} blocks (0..{self.cfg.n_layers - 1})")
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"state dict value for {name!r} must be a tensor, got {type(value).__name__}")
-        if name in known:
-            shape = tuple(known[name].shape)
-        elif leaf.startswith("b_") or leaf == "b":
-            if bool(value.ne(0).any()) and name not in bias_homes(self.hf_model, self.adapter, self.cfg):
-                raise ValueError(f"state dict holds a nonzero {name!r}, but this {self.adapter.architectures[0]} "
-                                 f"model has no parameter it could live in: it would be lost")
-            shape = self._bias_shape(leaf)
-        else:
-            raise KeyError(unknown_hook_message(name, known).replace("hook point", "weight"))
-        if shape is not None and tuple(value.shape) != shape:
-            raise ValueError(f"state dict value for {name!r} has shape {tuple(value.shape)}, but this model's is "
-                             f"{shape}: shapes must match exactly (nothing is broadcast)")
-        if leaf == "b_in" and self.cfg.gated_mlp and bool(value.ne(0).any()):
-            raise ValueError(f"{name!r} is nonzero: TransformerLens adds a gated MLP's b_in after act(gate) * up, "
-                             f"which this HF model cannot represent (its up projection's bias sits inside the "
-                             f"product); loading it would change what the model computes")
-        return value
-
-    def _bias_shape(self, leaf: str) -> tuple[int, ...] | None:
-        c = self.cfg
-        return {"b_Q": (c.n_heads, c.d_head), "b_K": (c.n_kv_heads, c.d_head), "b_V": (c.n_kv_heads, c.d_head),
-                "b_O": (c.d_model,), "b_in": (c.d_mlp,), "b_gate": (c.d_mlp,), "b_out": (c.d_model,),
-                "b_U": (c.d_vocab_out,), "b": (c.d_model,)}.get(leaf)
 
     def _apply(self, fn, recurse=True):
         # Graphs built from the capture may hold their own references to lifted constants: rebuild them
