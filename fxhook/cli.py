@@ -78,7 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--wrong", default=None,
                       help="the token the corrupted prompt leads to (default: its top prediction)")
     plot.add_argument("--html", action="store_true", help="also write interactive HTML (plotly)")
+    for module in command_modules():
+        module.add_arguments(command(module.NAME, module.HELP, module.DESCRIPTION))
     return parser
+
+
+# Commands that live in their own modules (fxhook/commands/): each has NAME, HELP, DESCRIPTION,
+# add_arguments(parser) and run(model, args) -> int | None (the exit status; None: 0).
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def command_modules() -> list:
+    import importlib
+
+    return [importlib.import_module(name) for name in COMMAND_MODULES]
 
 
 def parse_heads(text: str) -> list[tuple[int, int]]:
@@ -253,11 +266,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_arguments(args)
         model = load_model(args)
-        COMMANDS[args.command](model, args)
+        if args.command in COMMANDS:
+            COMMANDS[args.command](model, args)
+            return 0
+        module = next(m for m in command_modules() if m.NAME == args.command)
+        status = module.run(model, args)
+        return 0 if status is None else int(status)
     except CliError as err:
         print(f"fxhook {args.command}: error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

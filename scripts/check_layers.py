@@ -29,7 +29,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("runtime", ("fxhook.runtime", "fxhook.from_config", "fxhook.models_offline", "fxhook.datasets")),
     ("analysis", ("fxhook.analysis",)),
     ("api", ("fxhook.model", "fxhook.utils")),
-    ("cli", ("fxhook.cli", "fxhook.__main__", "fxhook")),  # "fxhook": the package's __init__ (its front door)
+    ("tools", ("fxhook.store", "fxhook.testing")),  # built on the api: harvesting, property checks
+    ("cli", ("fxhook.cli", "fxhook.commands", "fxhook.__main__", "fxhook")),  # "fxhook": the package's __init__ (its front door)
 )
 
 

@@ -1,0 +1,1 @@
+"""Commands of the `fxhook` program that live in their own modules (listed in fxhook/cli.py)."""
