@@ -238,3 +238,21 @@ class FactoredMatrix:
 
     def __repr__(self) -> str:
         return f"FactoredMatrix: Shape({self.shape}), Hidden Dim({self.mdim})"
+
+
+def composition_scores(left: FactoredMatrix, right: FactoredMatrix, broadcast_dims: bool = True) -> torch.Tensor:
+    """||L R|| / (||L|| ||R||) (Frobenius norms) of each pair of matrices (Elhage et al. 2021's
+    composition score). With broadcast_dims, every leading index of `left` meets every leading index
+    of `right`: [*left_batch, *right_batch]; without, their batch dims broadcast against each other."""
+    if broadcast_dims:
+        n_left, n_right = left.ndim - 2, right.ndim - 2
+        for i in range(n_left):
+            right = right.unsqueeze(i)
+        for i in range(n_right):
+            left = left.unsqueeze(i + n_left)
+    if left.rdim != right.ldim:
+        raise ValueError(f"composition needs left's columns to match right's rows: left {tuple(left.shape)}, "
+                         f"right {tuple(right.shape)}")
+    left_core, right_core = left.collapse_l(), right.collapse_r()  # the orthogonal outer factors drop out
+    norm = lambda m: torch.linalg.matrix_norm(m)  # noqa: E731
+    return norm(left_core @ right_core) / norm(right_core) / norm(left_core)

@@ -1,12 +1,7 @@
-"""TransformerLens-style utilities: activation names, the language-model loss, test_prompt."""
+"""test_prompt: how a model does on an expected answer, printed as TransformerLens prints it."""
 from __future__ import annotations
 
 import torch
-
-from fxhook.core.hook_names import get_act_name
-from fxhook.runtime.loss import lm_cross_entropy_loss
-
-__all__ = ["get_act_name", "lm_cross_entropy_loss", "test_prompt"]  # TransformerLens's utils names
 
 
 def test_prompt(prompt: str, answer: str | list[str], model, prepend_space_to_answer: bool = True,
