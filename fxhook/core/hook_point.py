@@ -69,15 +69,60 @@ def drop_call_hooks(direction: Literal["fwd", "bwd", "both"] = "both") -> None:
     _CALL_HOOKS.set({point: hooks for point, hooks in kept.items() if hooks[0] or hooks[1]})
 
 
+def refuse_level(level: int | None) -> None:
+    """TransformerLens's hook `level` (nested hook contexts) has no meaning here: refused, not ignored."""
+    if level is not None:
+        raise ValueError(f"level={level!r} is not supported: fxhook's hooks() blocks nest by themselves (each "
+                         f"block removes exactly its own hooks); call without level")
+
+
+def _check_direction(dir: str) -> None:
+    if dir not in ("fwd", "bwd", "both"):
+        raise ValueError(f"hook direction must be 'fwd', 'bwd' or 'both', got {dir!r}")
+
+
+class _AliasedPoint:
+    """What a hook added with alias_names sees: the point under another name."""
+
+    def __init__(self, name: str, point: "HookPoint"):
+        self.name, self._point = name, point
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(self._point, attribute)
+
+    def layer(self) -> int:
+        layer = layer_of(self.name)
+        if layer is None:
+            raise ValueError(f"hook {self.name!r} is not inside a block")
+        return layer
+
+
+def _aliased(hook: HookFn, point: "HookPoint", alias_names: list[str]) -> HookFn:
+    """A hook that runs `hook` once per alias name, each call seeing the previous one's replacement."""
+    views = [_AliasedPoint(name, point) for name in alias_names]
+
+    def run_under_aliases(x: torch.Tensor, hook: Any = None) -> torch.Tensor | None:
+        changed = False
+        for view in views:
+            out = run_under_aliases.inner(x, hook=view)
+            if out is not None:
+                x, changed = out, True
+        return x if changed else None
+    run_under_aliases.inner = hook
+    run_under_aliases.__name__ = getattr(hook, "__name__", "hook")
+    return run_under_aliases
+
+
 class HookPoint(nn.Module):
     """Identity at activation `name`; `fn(activation, hook=self)` may return a replacement."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str | None = None):
         super().__init__()
-        self.name = name
+        self.name = name  # None until a model names it (TransformerLens's HookPoint() is made unnamed)
         self._fwd: list[HookEntry] = []  # model-wide hooks
         self._bwd: list[HookEntry] = []
         self.ctx: dict = {}
+        self.hook_conversion: Any = None  # enable_reshape: hooks see convert(x), return values pass revert()
 
     @property
     def fwd_hooks(self) -> tuple[HookEntry, ...]:
@@ -104,22 +149,53 @@ class HookPoint(nn.Module):
             raise ValueError(f"hook {self.name!r} is not inside a block")
         return layer
 
-    def add_hook(self, fn: HookFn, dir: Direction = "fwd", is_permanent: bool = False,
-                 prepend: bool = False) -> HookEntry:
+    def add_hook(self, hook: HookFn, dir: Direction = "fwd", is_permanent: bool = False, level: int | None = None,
+                 prepend: bool = False, alias_names: list[str] | None = None) -> HookEntry:
+        """Run `hook(activation, hook=point)` at this point in every call until removed; a returned
+        tensor replaces the activation. With alias_names, the hook runs once per alias and sees a point
+        of that name. `level` (TransformerLens's nested hook contexts) is refused: hooks() blocks nest
+        by themselves here."""
         if dir not in ("fwd", "bwd"):
             raise ValueError(f"hook direction must be 'fwd' or 'bwd', got {dir!r}")
-        entry = HookEntry(fn, is_permanent)
+        refuse_level(level)
+        if alias_names is not None:
+            hook = _aliased(hook, self, list(alias_names))
+        entry = HookEntry(hook, is_permanent)
         hooks = self._fwd if dir == "fwd" else self._bwd
         hooks.insert(0, entry) if prepend else hooks.append(entry)
         return entry
 
-    def remove_hooks(self, dir: Direction | Literal["both"] = "fwd", including_permanent: bool = False) -> None:
+    def add_perma_hook(self, hook: HookFn, dir: Direction = "fwd") -> HookEntry:
+        """A hook that `remove_hooks` / `reset_hooks` keep unless told including_permanent=True."""
+        return self.add_hook(hook, dir=dir, is_permanent=True)
+
+    def has_hooks(self, dir: Direction | Literal["both"] = "both", including_permanent: bool = True,
+                  level: int | None = None) -> bool:
+        """Whether hooks run here in this context (model-wide ones and this call's)."""
+        _check_direction(dir)
+        refuse_level(level)
+        entries = (self.fwd_hooks if dir in ("fwd", "both") else ()) + (self.bwd_hooks if dir in ("bwd", "both") else ())
+        return any(including_permanent or not entry.permanent for entry in entries)
+
+    def remove_hooks(self, dir: Direction | Literal["both"] = "fwd", including_permanent: bool = False,
+                     level: int | None = None) -> None:
+        """Remove this point's model-wide hooks of that direction (permanent ones only when asked)."""
+        _check_direction(dir)
+        refuse_level(level)
+
         def keep(entry: HookEntry) -> bool:
             return entry.permanent and not including_permanent
         if dir in ("fwd", "both"):
             self._fwd[:] = [e for e in self._fwd if keep(e)]
         if dir in ("bwd", "both"):
             self._bwd[:] = [e for e in self._bwd if keep(e)]
+
+    def enable_reshape(self, hook_conversion: Any = None) -> None:
+        """Show hooks `hook_conversion.convert(x)` instead of x, and turn what they return back with
+        `hook_conversion.revert(...)` (None switches it off). Applies to forward and backward hooks."""
+        if hook_conversion is not None and not (hasattr(hook_conversion, "convert") and hasattr(hook_conversion, "revert")):
+            raise TypeError(f"hook_conversion must have convert() and revert() methods, got {type(hook_conversion).__name__}")
+        self.hook_conversion = hook_conversion
 
     def remove_entry(self, entry: HookEntry) -> None:
         for hooks in (self._fwd, self._bwd):
@@ -140,6 +216,14 @@ class HookPoint(nn.Module):
                 f"(or None to keep the activation)")
         return out
 
+    def _call(self, fn: HookFn, x: torch.Tensor) -> Any:
+        """fn's result on x, through the reshape conversion when one is enabled."""
+        conversion = self.hook_conversion
+        if conversion is None:
+            return fn(x, hook=self)
+        out = fn(conversion.convert(x), hook=self)
+        return None if out is None else conversion.revert(out)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return _run_hooks_outside_graph(self, x)
@@ -147,7 +231,7 @@ class HookPoint(nn.Module):
 
     def run_hooks(self, x: torch.Tensor) -> torch.Tensor:
         for entry in self.fwd_hooks:
-            out = entry.fn(x, hook=self)
+            out = self._call(entry.fn, x)
             if out is not None:
                 x = self._checked(entry.fn, x, out)
         bwd = self.bwd_hooks
@@ -179,7 +263,7 @@ class _BackwardHookCall(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         point: HookPoint = ctx.point
         for entry in ctx.hooks:
-            out = entry.fn(grad, hook=point)
+            out = point._call(entry.fn, grad)
             if out is not None:
                 grad = point._checked(entry.fn, grad, out)
         return grad, None, None
