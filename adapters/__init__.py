@@ -23,10 +23,12 @@ from adapters.olmo2 import OLMO2
 from adapters.opt import OPT
 from adapters.phi import PHI
 from adapters.qwen3 import QWEN3
+from adapters.tl_native import TL_NATIVE
 
 ADAPTERS: tuple[Adapter, ...] = (GPT2, LLAMA)
 ADAPTERS += (GEMMA, GEMMA2, QWEN3, OLMO2, MIXTRAL)
 ADAPTERS += (NEOX, GPTJ, OPT, PHI)
+ADAPTERS += (TL_NATIVE,)  # TransformerLens's own architectures (fxhook/native/)
 
 BY_ARCHITECTURE: dict[str, Adapter] = {arch: a for a in ADAPTERS for arch in a.architectures}
 

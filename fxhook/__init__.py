@@ -4,5 +4,8 @@ from fxhook.config import HookedTransformerConfig
 from fxhook.analysis.cache import ActivationCache
 from fxhook.core.hook_point import HookPoint
 from fxhook.model import HookedTransformer
+from fxhook import evals, head_detector, train  # TransformerLens's companion modules, as its package exposes them
+from fxhook.SVDInterpreter import SVDInterpreter  # the class, as `transformer_lens.SVDInterpreter` is
 
-__all__ = ["HookedTransformer", "HookedTransformerConfig", "ActivationCache", "HookPoint", "utils"]
+__all__ = ["HookedTransformer", "HookedTransformerConfig", "ActivationCache", "HookPoint", "utils",
+           "SVDInterpreter", "evals", "head_detector", "train"]

@@ -27,8 +27,10 @@ def get_module(root: nn.Module, path: str) -> nn.Module:
         raise ValueError(f"adapter path {path!r} not found in {type(root).__name__}: {e}") from None
 
 
-NormKind = Literal["layernorm", "rmsnorm", "rmsnorm_plus_one"]
-PositionalKind = Literal["absolute", "rotary"]
+# "none": no normalisation (TransformerLens's normalization_type=None): the norm modules are identities, unhooked
+NormKind = Literal["layernorm", "rmsnorm", "rmsnorm_plus_one", "none"]
+# "shortformer": a learned position table added to the query and key inputs only, not to the residual stream
+PositionalKind = Literal["absolute", "rotary", "shortformer"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class Norms:
     # q/k norms (Qwen3 per head, OLMo 2 over all heads): hooked as attn.q_norm / attn.k_norm
     q_norm: str | None = None
     k_norm: str | None = None
+    qk_kind: NormKind | None = None  # the q/k norms' formula when it is not `kind` (TransformerLens: always RMS)
     eps_attr: tuple[str, ...] = ("eps", "variance_epsilon")  # where a norm module keeps its epsilon
 
     @property
@@ -120,12 +123,19 @@ class FeedForward:
     pre_linear_site: Site | None = None  # mlp.hook_pre_linear: the linear branch of a gated MLP
     post_site: Site | None = None  # mlp.hook_post: the out projection's input
     gated: bool = False
+    # a gated MLP's b_in (in_proj's bias) is added after act(gate) * up, as TransformerLens does (the native
+    # model), rather than inside the product (HF's up projection bias)
+    bias_after_gate: bool = False
     # TransformerLens's W_in (the linear / up branch), W_gate, W_out
     in_proj: Projection | None = None
     gate_proj: Projection | None = None
     out_proj: Projection | None = None
     # a mixture-of-experts MLP (Mixtral): routing hooks mlp.hook_expert_weights / hook_expert_indices
     experts: Experts | None = None
+    # a LayerNorm after the activation (TransformerLens's SoLU-LN): mid_site is the activation's output
+    # (mlp.hook_mid), act_norm the norm module (hooked as mlp.ln; weights mlp.ln.w / mlp.ln.b, folded into W_out)
+    mid_site: Site | None = None
+    act_norm: str | None = None
 
 
 def _alias(group: str, attr: str) -> property:
@@ -152,6 +162,8 @@ class Adapter:
     # TransformerLens (whose W_E has the scale folded in), marked where it enters block 0 (transformers 5
     # scales inside the embedding module, earlier versions in the model's forward: right for both)
     scaled_embedding: bool = False
+    # blocks with no MLP (TransformerLens's attn_only): no ln2, hook_resid_mid, hook_mlp_in or hook_mlp_out
+    attn_only: bool = False
     # (hf_config) -> the adapter for that config (e.g. NeoX's use_parallel_residual); raises
     # NotImplementedError for configs the family's adapter cannot run
     for_config: Callable[[Any], "Adapter"] | None = None
@@ -266,17 +278,23 @@ def adapter_problems(a: Adapter) -> list[str]:
     elif pos.rotary and pos.pos_embed is not None:
         out.append(f"rotary positions take no learned position table, but pos_embed={pos.pos_embed!r}")
     elif not pos.rotary and pos.pos_embed is None:
-        out.append("absolute positions need pos_embed (the learned position table)")
+        out.append(f"{pos.kind} positions need pos_embed (the learned position table)")
     if pos.pos_embed_offset < 0 or (pos.pos_embed_offset and pos.pos_embed is None):
         out.append(f"pos_embed_offset={pos.pos_embed_offset} needs a position table and must be >= 0")
     if pos.rotary_adjacent_pairs and not pos.rotary:
         out.append("rotary_adjacent_pairs is set but positions are not rotary")
     # norms
+    if norms.qk_kind is not None and (norms.qk_kind not in NORM_KINDS or norms.q_norm is None):
+        out.append(f"norms.qk_kind={norms.qk_kind!r} needs q/k norms and one of {NORM_KINDS}")
+    if (ff.mid_site is None) != (ff.act_norm is None):
+        out.append("mid_site and act_norm (SoLU-LN's hook_mid and its LayerNorm) are given together or not at all")
     if norms.kind not in NORM_KINDS:
         out.append(f"norms.kind is {norms.kind!r} (expected one of {NORM_KINDS})")
     if not norms.eps_attr:
         out.append("norms.eps_attr is empty: no attribute to read a norm's epsilon from")
-    if norms.ln2 is None and not a.parallel_attn_mlp:
+    if a.attn_only and (norms.ln2 is not None or a.parallel_attn_mlp or ff.in_proj is not None):
+        out.append("attn_only blocks have no ln2, MLP projections or parallel MLP")
+    if norms.ln2 is None and not a.parallel_attn_mlp and not a.attn_only:
         out.append("ln2=None (the MLP reads ln1's output) needs parallel_attn_mlp=True: a sequential MLP "
                    "reads resid_mid through a norm of its own")
     if norms.post_norm and norms.ln2 is None:

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Commands that live in their own modules (fxhook/commands/): each has NAME, HELP, DESCRIPTION,
 # add_arguments(parser) and run(model, args) -> int | None (the exit status; None: 0).
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("fxhook.commands.harvest", "fxhook.commands.verify")
 
 
 def command_modules() -> list:

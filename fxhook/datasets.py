@@ -126,11 +126,11 @@ def sample_datapoint(model, tokenize: bool = False, prepend_bos: bool | None = N
 
 
 class DatasetMixin:
-    """`model.load_sample_training_dataset(source)` and `model.sample_datapoint()`, as TransformerLens."""
+    """`model.load_sample_training_dataset(source=...)` and `model.sample_datapoint()`, as TransformerLens."""
 
     dataset = None
 
-    def load_sample_training_dataset(self, source: Any = None, **kwargs):
+    def load_sample_training_dataset(self, *, source: Any = None, **kwargs):
         return load_sample_training_dataset(self, source, **kwargs)
 
     def sample_datapoint(self, tokenize: bool = False, prepend_bos: bool | None = None,

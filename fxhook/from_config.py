@@ -1,9 +1,19 @@
 """A model from a config alone: `HookedTransformer(cfg)` with no checkpoint.
 
-The TransformerLens-style config picks the HF architecture that computes the
-same function (LayerNorm + learned absolute positions: GPT-2; RMSNorm + rotary
-+ gated MLP: Llama). That HF model is then captured like any other, so the
-hooks, weight views and graph passes are the ordinary ones.
+The TransformerLens-style config picks the model that computes what it describes:
+- GPT-2-like configs (LayerNorm, learned absolute positions, plain MLP, sequential blocks, full multi-head
+  attention with d_model == n_heads * d_head) are built as HF's GPT2LMHeadModel, and Llama-like ones (RMSNorm,
+  full rotary on halves, gated MLP, sequential blocks) as HF's LlamaForCausalLM, as before: they keep the HF
+  classes researchers know and compute TransformerLens's function exactly, with one limit: HF's Llama adds a
+  gated MLP's b_in inside the gate product (TransformerLens after it), so loading a TransformerLens state
+  dict with a nonzero gated b_in into it is refused (fxhook/processing/checks.py) rather than computed wrongly;
+- every other config in TransformerLens's space is built as fxhook's native TransformerLens model
+  (fxhook/native/: LN / LNPre / RMS / RMSPre / no norm, standard / rotary / shortformer positions,
+  attn_only, SoLU-LN, gated, parallel, grouped-query, local attention, q/k norms, attention scale,
+  d_vocab_out), with TransformerLens's own b_in placement.
+Either model is then captured like any other, so the hooks, weight views and graph passes are the ordinary
+ones. What neither can honour (ALiBi, soft caps, attention sinks, rotary scaling schemes, ...) is refused
+with the option named.
 
 Initialisation follows TransformerLens 3.9 (`HookedTransformer.init_weights`):
 every weight matrix TransformerLens names W_* is drawn by `init_mode`, with its
@@ -28,36 +38,35 @@ from fxhook.core.hook_names import leaf_of
 
 INIT_MODES = ("gpt2", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal", "muP")
 
-# TransformerLens act_fn -> the HF activation name computing the same function.
+# TransformerLens act_fn -> the HF activation name computing the same function (GPT-2-like models).
 _ACTIVATIONS = {name: name for name in ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "relu", "silu",
                                          "relu2")}
-_NO_HF_ACTIVATION = {
-    "solu": "SoLU (x * softmax(x)) has no HF activation",
-    "solu_ln": "SoLU with its extra LayerNorm has no HF counterpart",
-    "xielu": "TransformerLens's xielu is fixed, HF's has trainable parameters",
-}
+_NATIVE_ACTIVATIONS = (*_ACTIVATIONS, "solu", "solu_ln")
+_REFUSED_ACTIVATIONS = {"xielu": "TransformerLens's xielu is fixed, HF's has trainable parameters"}
 
-# TransformerLens options that HookedTransformerConfig has no field for: the value that means "off".
-# A config may carry them (from a dict, or TransformerLens's own config) only at these values.
+# TransformerLens options no model built here computes: the value that means "off". A config (a field, or
+# a key of a dict / of TransformerLens's own config kept in `extra`) may carry them only at these values.
 _SOFTCAP_OFF = object()
 _OFF_VALUES: dict[str, Any] = {
-    "use_attn_scale": True, "use_qk_norm": False, "clip_qkv": None, "use_logn_attn": False,
-    "use_dynamic_ntk_rope": False, "use_local_attn": False, "attention_dir": "causal",
+    "clip_qkv": None, "use_logn_attn": False, "use_dynamic_ntk_rope": False, "attention_dir": "causal",
     "scale_attn_by_inverse_layer_idx": False, "use_hook_tokens": False, "post_embedding_ln": False,
-    "rotary_base_local": None, "rotary_scaling_factor": 1.0, "rotary_adjacent_pairs": False,
-    "load_in_4bit": False, "num_experts": None, "relative_attention_max_distance": None,
-    "relative_attention_num_buckets": None, "use_normalization_before_and_after": False,
-    "attn_scores_soft_cap": _SOFTCAP_OFF, "output_logits_soft_cap": _SOFTCAP_OFF,
-    "use_NTK_by_parts_rope": False, "use_yarn_rope": False, "use_attention_sinks": False, "n_devices": 1,
+    "rotary_base_local": None, "rotary_scaling_factor": 1.0, "load_in_4bit": False, "num_experts": None,
+    "relative_attention_max_distance": None, "relative_attention_num_buckets": None,
+    "use_normalization_before_and_after": False, "attn_scores_soft_cap": _SOFTCAP_OFF,
+    "output_logits_soft_cap": _SOFTCAP_OFF, "use_NTK_by_parts_rope": False, "use_yarn_rope": False,
+    "use_attention_sinks": False, "n_devices": 1,
 }
 # TransformerLens options that do not change a model built here (derived, or read only by features that are off).
 _INERT = {
-    "attn_scale", "uses_rms_norm", "experts_per_token", "train_seq_length", "checkpoint_index", "window_size",
-    "attn_types", "trust_remote_code", "quantization_method", "decoder_start_token_id", "norm_topk_prob",
-    "NTK_by_parts_low_freq_factor", "NTK_by_parts_high_freq_factor", "NTK_by_parts_factor",
-    "NTK_original_ctx_len", "yarn_factor", "yarn_attention_factor", "yarn_beta_fast", "yarn_beta_slow",
-    "yarn_original_max_position_embeddings", "yarn_truncate", "yarn_global_attn_only",
+    "uses_rms_norm", "experts_per_token", "train_seq_length", "checkpoint_index", "trust_remote_code",
+    "quantization_method", "decoder_start_token_id", "norm_topk_prob", "NTK_by_parts_low_freq_factor",
+    "NTK_by_parts_high_freq_factor", "NTK_by_parts_factor", "NTK_original_ctx_len", "yarn_factor",
+    "yarn_attention_factor", "yarn_beta_fast", "yarn_beta_slow", "yarn_original_max_position_embeddings",
+    "yarn_truncate", "yarn_global_attn_only", "use_local_attn", "window_size", "attn_types", "use_attn_scale",
+    "attn_scale", "use_qk_norm",
 }
+_NATIVE_POSITIONS = ("standard", "rotary", "shortformer")
+_NATIVE_NORMS = ("LN", "LNPre", "RMS", "RMSPre", None)
 
 
 # ----------------------------------------------------------------- the config
@@ -76,91 +85,99 @@ def as_hooked_config(cfg: HookedTransformerConfig | Mapping[str, Any] | Any) -> 
     raise TypeError(f"expected a HookedTransformerConfig or a dict, got {type(cfg).__name__}")
 
 
+def _option(cfg: HookedTransformerConfig, key: str, default: Any = None) -> Any:
+    """A TransformerLens option: the config's field, else its `extra` entry (TransformerLens keys with no field)."""
+    return getattr(cfg, key) if key in HookedTransformerConfig.field_names() else cfg.extra.get(key, default)
+
+
 def _unsupported_options(cfg: HookedTransformerConfig) -> list[str]:
-    problems = []
-    for key, value in cfg.extra.items():
-        if key in _INERT:
-            continue
-        if key not in _OFF_VALUES:
+    for key in cfg.extra:
+        if key not in _INERT and key not in _OFF_VALUES and key not in HookedTransformerConfig.field_names():
             raise TypeError(f"unknown config field {key!r} (not a TransformerLens HookedTransformerConfig field)")
-        off = _OFF_VALUES[key]
+    problems = []
+    for key, off in _OFF_VALUES.items():
+        value = _option(cfg, key, None if off is _SOFTCAP_OFF else off)
         is_off = (value is None or value <= 0) if off is _SOFTCAP_OFF else value == off
         if not is_off:
             problems.append(f"{key}={value!r}")
-    scale = cfg.extra.get("attn_scale", -1.0)
-    if cfg.extra.get("use_attn_scale", True) and scale not in (-1, -1.0) and \
-            not math.isclose(scale, math.sqrt(cfg.d_head)):
-        problems.append(f"attn_scale={scale!r} (only sqrt(d_head))")
     return problems
 
 
-def _family(cfg: HookedTransformerConfig) -> str:
-    """"gpt2" or "llama": the HF architecture computing what `cfg` describes; refuses everything else."""
-    problems = _unsupported_options(cfg)
-    if cfg.attn_only:
-        problems.append("attn_only=True (no HF causal LM without MLPs)")
-    if cfg.parallel_attn_mlp:
-        problems.append("parallel_attn_mlp=True")
-    if cfg.rotary_adjacent_pairs:
-        problems.append("rotary_adjacent_pairs=True")
-    if cfg.d_vocab_out != cfg.d_vocab:
-        problems.append(f"d_vocab_out={cfg.d_vocab_out} != d_vocab={cfg.d_vocab}")
-    act = cfg.act_fn if cfg.act_fn is not None else "relu"
-    if act in _NO_HF_ACTIVATION:
-        problems.append(f"act_fn={act!r} ({_NO_HF_ACTIVATION[act]})")
-    elif act not in _ACTIVATIONS:
-        raise ValueError(f"act_fn={act!r} is not a TransformerLens activation; supported here: {sorted(_ACTIVATIONS)}")
+def _attn_scale(cfg: HookedTransformerConfig) -> float:
+    """What the attention scores are divided by (TransformerLens: attn_scale, sqrt(d_head) by default; 1 off)."""
+    if not _option(cfg, "use_attn_scale", True):
+        return 1.0
+    scale = _option(cfg, "attn_scale", -1.0)
+    return math.sqrt(cfg.d_head) if scale in (None, -1, -1.0) else float(scale)
 
-    shape = (cfg.normalization_type, cfg.positional_embedding_type, bool(cfg.gated_mlp))
-    family = {("LN", "standard", False): "gpt2", ("RMS", "rotary", True): "llama"}.get(shape)
-    if family is None:
-        problems.append(f"normalization_type={shape[0]!r} with positional_embedding_type={shape[1]!r} and "
-                        f"gated_mlp={shape[2]} (supported: 'LN' + 'standard' + ungated MLP, built as GPT-2; "
-                        "'RMS' + 'rotary' + gated MLP, built as Llama)")
-    elif family == "gpt2":
-        if cfg.final_rms:
-            problems.append("final_rms=True with LayerNorm blocks")
-        if cfg.n_kv_heads != cfg.n_heads:
-            problems.append(f"n_key_value_heads={cfg.n_key_value_heads} with absolute positions (GPT-2 has no "
-                            "grouped-query attention)")
-    else:
-        if cfg.rotary_dim not in (None, cfg.d_head):
-            problems.append(f"rotary_dim={cfg.rotary_dim} != d_head={cfg.d_head} (partial rotary)")
+
+def _local_attention(cfg: HookedTransformerConfig) -> tuple[list[str] | None, int | None]:
+    """(attn_types, window_size) when local attention is on, else (None, None)."""
+    if not _option(cfg, "use_local_attn", False):
+        return None, None
+    return list(_option(cfg, "attn_types")), _option(cfg, "window_size")
+
+
+def _family(cfg: HookedTransformerConfig) -> str:
+    """"gpt2" / "llama" (built as that HF model) or "native" (fxhook's TransformerLens model); refuses what
+    none of them computes."""
+    problems = _unsupported_options(cfg)
+    act = cfg.act_fn if cfg.act_fn is not None else "relu"
+    if not cfg.attn_only:
+        if act in _REFUSED_ACTIVATIONS:
+            problems.append(f"act_fn={act!r} ({_REFUSED_ACTIVATIONS[act]})")
+        elif act not in _NATIVE_ACTIVATIONS:
+            raise ValueError(f"act_fn={act!r} is not a TransformerLens activation; supported here: "
+                             f"{sorted(_NATIVE_ACTIVATIONS)}")
+    if cfg.positional_embedding_type not in _NATIVE_POSITIONS:
+        problems.append(f"positional_embedding_type={cfg.positional_embedding_type!r} (supported: "
+                        f"{_NATIVE_POSITIONS}; ALiBi would need a per-head score bias in fxhook's attention op)")
+    if cfg.normalization_type not in _NATIVE_NORMS:
+        raise ValueError(f"normalization_type={cfg.normalization_type!r} is not one of TransformerLens's {_NATIVE_NORMS}")
+    if cfg.final_rms and cfg.normalization_type not in ("RMS", "RMSPre"):
+        problems.append(f"final_rms=True with normalization_type={cfg.normalization_type!r} (a final norm of "
+                        "another kind than the blocks')")
+    if cfg.gated_mlp and act == "solu_ln" and not cfg.attn_only:
+        problems.append("gated_mlp=True with act_fn='solu_ln' (TransformerLens then ignores W_in)")
+    if cfg.positional_embedding_type == "rotary" and cfg.rotary_dim is not None and \
+            (cfg.rotary_dim % 2 or not 0 < cfg.rotary_dim <= cfg.d_head):
+        problems.append(f"rotary_dim={cfg.rotary_dim} (must be even and at most d_head={cfg.d_head})")
     if problems:
         raise NotImplementedError("fxhook cannot build a model from this config: " + "; ".join(problems))
-
-    if family == "gpt2" and cfg.n_heads * cfg.d_head != cfg.d_model:
-        raise ValueError(f"GPT-2-style models need d_model == n_heads * d_head, got d_model={cfg.d_model}, "
-                         f"n_heads={cfg.n_heads}, d_head={cfg.d_head}")
-    if family == "llama" and cfg.n_heads % cfg.n_kv_heads:
+    if cfg.n_heads % cfg.n_kv_heads:
         raise ValueError(f"n_heads ({cfg.n_heads}) must be a multiple of n_key_value_heads ({cfg.n_kv_heads})")
-    if cfg.d_mlp is None:
+    if cfg.d_mlp is None and not cfg.attn_only:
         raise ValueError("d_mlp is required")
-    return family
+    gpt2_like = (cfg.normalization_type == "LN" and cfg.positional_embedding_type == "standard"
+                 and not (cfg.gated_mlp or cfg.parallel_attn_mlp or cfg.attn_only or cfg.final_rms)
+                 and act in _ACTIVATIONS and cfg.n_kv_heads == cfg.n_heads and cfg.d_vocab_out == cfg.d_vocab
+                 and cfg.n_heads * cfg.d_head == cfg.d_model and _local_attention(cfg) == (None, None)
+                 and not _option(cfg, "use_qk_norm", False) and math.isclose(_attn_scale(cfg), math.sqrt(cfg.d_head)))
+    llama_like = (cfg.normalization_type == "RMS" and cfg.positional_embedding_type == "rotary" and cfg.gated_mlp
+                  and not (cfg.parallel_attn_mlp or cfg.attn_only or cfg.rotary_adjacent_pairs)
+                  and act in _ACTIVATIONS and cfg.d_vocab_out == cfg.d_vocab and cfg.rotary_dim in (None, cfg.d_head)
+                  and _local_attention(cfg) == (None, None) and not _option(cfg, "use_qk_norm", False)
+                  and math.isclose(_attn_scale(cfg), math.sqrt(cfg.d_head)))
+    return "gpt2" if gpt2_like else "llama" if llama_like else "native"
 
 
 # ------------------------------------------------------------ the HF model
 def hf_model_from_config(cfg: HookedTransformerConfig | Mapping[str, Any], *, bias: bool = True) -> nn.Module:
-    """The HF causal LM (fp32, CPU, eval mode, HF's own initialisation) with `cfg`'s architecture.
+    """The model (fp32, CPU, eval mode, its own initialisation) computing `cfg`'s architecture.
 
-    GPT-2 for LayerNorm + absolute positions, Llama for RMSNorm + rotary + gated MLP. `bias` (Llama only):
-    give attention and MLP projections biases, as TransformerLens's components have (b_Q, b_K, b_V,
-    b_O, b_in, b_out; HF's gated MLP adds a gate bias). Dropout is off: TransformerLens has none.
+    GPT-2 for GPT-2-like configs, Llama for Llama-like ones, fxhook's native TransformerLens model
+    (fxhook/native/) for the rest; dropout is off: TransformerLens has none. `bias` (Llama only): give attention
+    and MLP projections biases, as TransformerLens's components have (the native model always has them).
     """
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     cfg = as_hooked_config(cfg)
     family = _family(cfg)
-    act = _ACTIVATIONS[cfg.act_fn if cfg.act_fn is not None else "relu"]
+    if family == "native":
+        return native_model_from_config(cfg)
     special = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)  # no tokenizer behind it
-    if family == "gpt2":
-        config = GPT2Config(
-            n_layer=cfg.n_layers, n_embd=cfg.d_model, n_head=cfg.n_heads, n_inner=cfg.d_mlp,
-            n_positions=cfg.n_ctx, vocab_size=cfg.d_vocab, activation_function=act,
-            layer_norm_epsilon=cfg.eps, tie_word_embeddings=cfg.tie_word_embeddings,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **special)
-        model = GPT2LMHeadModel(config)
-    else:
+    act = _ACTIVATIONS[cfg.act_fn or "relu"]
+    if family == "llama":
         config = LlamaConfig(
             hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
             num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.d_head, intermediate_size=cfg.d_mlp,
@@ -168,8 +185,30 @@ def hf_model_from_config(cfg: HookedTransformerConfig | Mapping[str, Any], *, bi
             rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rotary_base)},
             tie_word_embeddings=cfg.tie_word_embeddings, attention_bias=bias, mlp_bias=bias,
             attention_dropout=0.0, **special)
-        model = LlamaForCausalLM(config)
-    return model.eval()
+        return LlamaForCausalLM(config).eval()
+    config = GPT2Config(
+        n_layer=cfg.n_layers, n_embd=cfg.d_model, n_head=cfg.n_heads, n_inner=cfg.d_mlp,
+        n_positions=cfg.n_ctx, vocab_size=cfg.d_vocab, activation_function=act,
+        layer_norm_epsilon=cfg.eps, tie_word_embeddings=cfg.tie_word_embeddings,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **special)
+    return GPT2LMHeadModel(config).eval()
+
+
+def native_model_from_config(cfg: HookedTransformerConfig) -> nn.Module:
+    """fxhook's native TransformerLens model for `cfg` (fp32, CPU, eval mode)."""
+    from fxhook.native import TLNativeConfig, TLNativeForCausalLM
+
+    attn_types, window_size = _local_attention(cfg)
+    config = TLNativeConfig(
+        n_layers=cfg.n_layers, d_model=cfg.d_model, n_ctx=cfg.n_ctx, d_head=cfg.d_head, n_heads=cfg.n_heads,
+        d_vocab=cfg.d_vocab, d_vocab_out=cfg.d_vocab_out, d_mlp=cfg.d_mlp, n_key_value_heads=cfg.n_key_value_heads,
+        act_fn=cfg.act_fn or "relu", eps=cfg.eps, normalization_type=cfg.normalization_type,
+        positional_embedding_type=cfg.positional_embedding_type, rotary_dim=cfg.rotary_dim,
+        rotary_base=float(cfg.rotary_base), rotary_adjacent_pairs=cfg.rotary_adjacent_pairs,
+        gated_mlp=cfg.gated_mlp, parallel_attn_mlp=cfg.parallel_attn_mlp, attn_only=cfg.attn_only,
+        attn_types=attn_types, window_size=window_size, use_qk_norm=bool(_option(cfg, "use_qk_norm", False)),
+        attn_scale=_attn_scale(cfg), final_rms=cfg.final_rms)
+    return TLNativeForCausalLM(config).eval()
 
 
 # ---------------------------------------------------------- initialisation
@@ -283,14 +322,15 @@ def build_from_config(cfg: HookedTransformerConfig | Mapping[str, Any]
         cfg.act_fn = "relu"  # TransformerLens's default
     if cfg.init_weights:
         init_weights(hf_model, cfg, adapter)
-    derived = _check_round_trip(cfg, hf_model, adapter)
-    cfg.final_rms = derived.final_rms
-    cfg.original_architecture = derived.original_architecture or type(hf_model).__name__
-    if adapter.rotary:
-        cfg.rotary_dim = cfg.d_head
+    if type(hf_model).__name__ == "TLNativeForCausalLM":  # built from these very fields: nothing to read back
+        cfg.original_architecture = type(hf_model).__name__
+    else:
+        derived = _check_round_trip(cfg, hf_model, adapter)
+        cfg.final_rms = derived.final_rms
+        cfg.original_architecture = derived.original_architecture or type(hf_model).__name__
     if cfg.n_params is None:  # TransformerLens's count: attention and MLP matrices
-        cfg.n_params = cfg.n_layers * (4 * cfg.d_model * cfg.d_head * cfg.n_heads
-                                       + cfg.d_model * cfg.d_mlp * (3 if cfg.gated_mlp else 2))
+        mlp = 0 if cfg.attn_only else cfg.d_model * cfg.d_mlp * (3 if cfg.gated_mlp else 2)
+        cfg.n_params = cfg.n_layers * (4 * cfg.d_model * cfg.d_head * cfg.n_heads + mlp)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     hf_model.to(device=device, dtype=cfg.dtype)
     param = next(hf_model.parameters())

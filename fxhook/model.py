@@ -10,12 +10,13 @@ from torch import fx, nn
 
 from fxhook.adapter import Adapter
 from fxhook.config import HookedTransformerConfig
-from fxhook.core import hook_names
-from fxhook.core.hook_point import HookPoint
+from fxhook.core.hook_point import HookPoint, refuse_level
 from fxhook.datasets import DatasetMixin
 from fxhook.pipeline import ACTIVATION_NAMES, DecodeKind, GraphSpec
 from fxhook.analysis.cache import ActivationCache
-from fxhook.analysis.slicing import as_slice
+from fxhook.analysis.hook_graph import hook_graph
+from fxhook.analysis.resume import run_from
+from fxhook.analysis.slicing import position_selection, slice_positions
 from fxhook.processing.checks import checked_tl_weight
 from fxhook.runtime.atomic import all_or_nothing
 from fxhook.runtime.decode import Decoder, check_context_length
@@ -24,9 +25,13 @@ from fxhook.runtime.graphs import CompileOptions, GraphStore
 from fxhook.runtime.hooks import HookRegistry, HookSpec, NameOrFilter
 from fxhook.runtime.kv_cache import KVCache, StaticKVCache
 from fxhook.runtime.loading import LoadingMixin
+from fxhook.runtime.saving import record_processing
 from fxhook.runtime.loss import lm_cross_entropy_loss
 from fxhook.runtime.tokens import TextCodec
 from fxhook.runtime.views import WeightViewsMixin
+from fxhook.runtime.component_views import ComponentViewsMixin
+from fxhook.runtime.lens_methods import LensMethodsMixin
+from fxhook.hook_points import HookedRootModule
 
 ModelInput = Union[str, list[str], torch.Tensor]
 ReturnType = Literal["logits", "loss", "both"] | None
@@ -47,13 +52,6 @@ class Output(tuple):
         return self[1]
 
 
-def _refuse_level(level: int | None) -> None:
-    """TransformerLens's hook `level` (nested hook contexts) has no meaning here: refused, not ignored."""
-    if level is not None:
-        raise ValueError(f"level={level!r} is not supported: fxhook's hooks() blocks nest by themselves (each "
-                         f"block removes exactly its own hooks); call without level")
-
-
 def _delegate(collaborator: str, method: Callable) -> Callable:
     """A HookedTransformer method that calls `method` on the model's `collaborator` (same name, signature
     and docstring, so help() and TransformerLens-style calls see the collaborator's)."""
@@ -65,7 +63,8 @@ def _delegate(collaborator: str, method: Callable) -> Callable:
     return delegate
 
 
-class HookedTransformer(LoadingMixin, WeightViewsMixin, DatasetMixin, nn.Module):
+class HookedTransformer(LoadingMixin, WeightViewsMixin, ComponentViewsMixin, LensMethodsMixin, DatasetMixin,
+                        HookedRootModule):
     """A HF causal LM behind the TransformerLens HookedTransformer interface.
 
     Its state lives in owned collaborators with declared interfaces: `graphs` (GraphStore: every graph,
@@ -73,11 +72,15 @@ class HookedTransformer(LoadingMixin, WeightViewsMixin, DatasetMixin, nn.Module)
     steps over a KV cache). A call's request and result travel in arguments and return values.
     """
 
-    def __init__(self, cfg: HookedTransformerConfig, *, hf_model: nn.Module | None = None,
-                 tokenizer=None, adapter: Adapter | None = None, processing: dict[str, bool] | None = None):
-        """Wrap `hf_model` (or build one from `cfg`); `processing` (fold_ln=..., ...) rewrites its
-        weights in place before capture."""
+    def __init__(self, cfg: HookedTransformerConfig | dict, tokenizer=None, move_to_device: bool = True,
+                 default_padding_side: Literal["left", "right"] | None = None, *, hf_model: nn.Module | None = None,
+                 adapter: Adapter | None = None, processing: dict[str, bool] | None = None):
+        """Wrap `hf_model`, or build and initialise a model from `cfg` alone (TransformerLens's
+        `HookedTransformer(cfg, tokenizer)`; moved to cfg.device when move_to_device). `processing`
+        (fold_ln=..., ...) rewrites the weights in place before capture."""
         super().__init__()
+        if default_padding_side not in (None, "left", "right"):
+            raise ValueError(f"default_padding_side must be 'left' or 'right', got {default_padding_side!r}")
         if hf_model is None:  # a model from a config (or a TransformerLens-style dict) alone, initialised
             from fxhook.from_config import build_from_config
 
@@ -86,6 +89,8 @@ class HookedTransformer(LoadingMixin, WeightViewsMixin, DatasetMixin, nn.Module)
             from adapters import find_adapter
 
             adapter = find_adapter(hf_model)
+        if cfg.original_architecture is None:  # HF configs made in code carry no `architectures`
+            cfg.original_architecture = type(hf_model).__name__
         self.cfg = cfg
         self.adapter = adapter
         self.__dict__["hf_model"] = hf_model  # kept unregistered: the graph holds its parameters
@@ -93,12 +98,17 @@ class HookedTransformer(LoadingMixin, WeightViewsMixin, DatasetMixin, nn.Module)
             from fxhook.processing import process_hf_weights
 
             process_hf_weights(hf_model, adapter, cfg, **processing)
+            record_processing(cfg, processing)  # save_pretrained writes it; from_pretrained(folder) checks it
         self.__dict__["graphs"] = GraphStore(hf_model, adapter, cfg)
         self.__dict__["decoder"] = Decoder(self.graphs, cfg)
+        if default_padding_side is not None:
+            cfg.default_padding_side = default_padding_side
         self.__dict__["codec"] = TextCodec(cfg, tokenizer)
         self.__dict__["generator"] = Generator(cfg, self.graphs, self.decoder, self.codec)
         self.captured = self.graphs.captured()  # registered: its parameters are the model's
         self.hook_registry = HookRegistry(lambda: self.hook_dict)
+        if move_to_device and cfg.device is not None and torch.device(cfg.device) != next(self.parameters()).device:
+            self.to(cfg.device, False)
 
     # ----------------------------------------------------------------- text and generation (delegates)
     @property
@@ -147,8 +157,8 @@ class HookedTransformer(LoadingMixin, WeightViewsMixin, DatasetMixin, nn.Module)
         self.captured = self.graphs.captured()
 
     def process_weights_(self, fold_ln: bool = True, center_writing_weights: bool = True,
-                         center_unembed: bool = True, fold_value_biases: bool = True,
-                         refactor_factored_attn_matrices: bool = False) -> "HookedTransformer":
+                         center_unembed: bool = True, refactor_factored_attn_matrices: bool = False, *,
+                         fold_value_biases: bool = True) -> "HookedTransformer":
         """Canonicalise the weights in place (TransformerLens's processing); idempotent.
 
         The HF model this wraps is edited too: pass a copy if you need the original.
@@ -160,6 +170,9 @@ class HookedTransformer(LoadingMixin, WeightViewsMixin, DatasetMixin, nn.Module)
                                center_writing_weights=center_writing_weights, center_unembed=center_unembed,
                                fold_value_biases=fold_value_biases,
                                refactor_factored_attn_matrices=refactor_factored_attn_matrices)
+            record_processing(self.cfg, dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                                             center_unembed=center_unembed, fold_value_biases=fold_value_biases,
+                                             refactor_factored_attn_matrices=refactor_factored_attn_matrices))
             self._recapture()
         return self
 
@@ -182,8 +195,8 @@ class HookedTransformer(LoadingMixin, WeightViewsMixin, DatasetMixin, nn.Module)
         with all_or_nothing([self.hf_model], self.cfg, self._recapture):
             with torch.no_grad():
                 write_weights(self.hf_model, self.adapter, self.cfg, weights)
-            self.process_weights_(fold_ln, center_writing_weights, center_unembed, fold_value_biases,
-                                  refactor_factored_attn_matrices)
+            self.process_weights_(fold_ln, center_writing_weights, center_unembed, refactor_factored_attn_matrices,
+                                  fold_value_biases=fold_value_biases)
 
     def _apply(self, fn, recurse=True):
         # Graphs built from the capture may hold their own references to lifted constants: rebuild them
@@ -258,8 +271,15 @@ class HookedTransformer(LoadingMixin, WeightViewsMixin, DatasetMixin, nn.Module)
 
     def add_hook(self, name: NameOrFilter, hook: Callable, dir: Literal["fwd", "bwd"] = "fwd",
                  is_permanent: bool = False, level: int | None = None, prepend: bool = False) -> None:
-        _refuse_level(level)
+        refuse_level(level)
+        for point in self.hook_registry.select(name):  # a subclass's check_hooks_to_add may refuse a hook
+            self.check_hooks_to_add(point, point.name, hook, dir=dir, is_permanent=is_permanent, prepend=prepend)
         self.hook_registry.add(name, hook, dir=dir, is_permanent=is_permanent, prepend=prepend)
+
+    def setup(self) -> None:
+        """Capture the model again and rebuild its hook points (after its HF modules were replaced);
+        hooks attached by name stay attached."""
+        self._recapture()
 
     def add_perma_hook(self, name: NameOrFilter, hook: Callable, dir: Literal["fwd", "bwd"] = "fwd") -> None:
         self.add_hook(name, hook, dir=dir, is_permanent=True)
@@ -268,7 +288,7 @@ class HookedTransformer(LoadingMixin, WeightViewsMixin, DatasetMixin, nn.Module)
                     including_permanent: bool = False, level: int | None = None) -> None:
         """Remove the hooks of `direction` ("fwd", "bwd" or "both"): the model-wide ones (permanent too with
         including_permanent) and, inside a hooks() block, this call's."""
-        _refuse_level(level)
+        refuse_level(level)
         self.hook_registry.reset(including_permanent, clear_contexts, all_points=self.graphs.points.values(),
                                  direction=direction)
 
@@ -318,23 +338,12 @@ class HookedTransformer(LoadingMixin, WeightViewsMixin, DatasetMixin, nn.Module)
                 out, store = self._forward(names, *model_args, **model_kwargs)
             store = {k: (v.detach() if device is None else v.detach().to(device)) for k, v in store.items()}
         if pos_slice is not None:
-            store = self._sliced_positions(store, pos_slice)
+            selection = position_selection(pos_slice)
+            store = {name: slice_positions(name, value, selection) for name, value in store.items()}
         cache = ActivationCache(store, self)
         if remove_batch_dim:
             cache.remove_batch_dim()
         return out, (cache if return_cache_object else cache.cache_dict)
-
-    @staticmethod
-    def _sliced_positions(store: dict[str, torch.Tensor], pos_slice) -> dict[str, torch.Tensor]:
-        """run_with_cache's pos_slice: each activation keeps only the selected positions (query positions
-        for patterns and scores), as TransformerLens's cache does: an int keeps its axis, of length 1."""
-        single = isinstance(pos_slice, int) and not isinstance(pos_slice, bool)
-        selection = as_slice([pos_slice] if single else pos_slice)
-        out = {}
-        for name, value in store.items():
-            axis = hook_names.position_axis(name.removesuffix("_grad"))
-            out[name] = value if axis is None or value.dim() <= axis else selection.apply(value, dim=axis)
-        return out
 
     def _cache_by_hooks(self, selected: Callable[[str], bool], model_args, model_kwargs, device, incl_bwd: bool,
                         reset_hooks_end: bool, clear_contexts: bool) -> dict[str, Any]:
@@ -361,6 +370,10 @@ class HookedTransformer(LoadingMixin, WeightViewsMixin, DatasetMixin, nn.Module)
                 store[name] = store[name].detach()
         store["__output__"] = out
         return store
+
+    hook_graph = hook_graph  # the hook points' dependency graph (networkx), read from the fx graph
+
+    run_from = run_from  # finish the forward from any hook point with cached activations (analysis/resume.py)
 
     def _cache_selection(self, names_filter: NameOrFilter | None) -> Callable[[str], bool]:
         if names_filter is None:
@@ -413,6 +426,9 @@ class HookedTransformer(LoadingMixin, WeightViewsMixin, DatasetMixin, nn.Module)
                 tokens = torch.zeros(residual.shape[:2], dtype=torch.long, device=residual.device)
             if attention_mask is None:
                 attention_mask = torch.ones(residual.shape[:2], dtype=torch.long, device=residual.device)
+            if self.graphs.placement is not None:  # a split model: each input where its first reader runs
+                tokens, attention_mask = tokens.to(self.cfg.device), attention_mask.to(self.cfg.device)
+                residual = residual.to(self.graphs.placement.blocks[start])
         check_context_length(self.cfg, tokens.shape[-1])
         entry = self.graphs.forward(GraphSpec.from_cfg(self.cfg, start, stop, self.live_hooks(), keep))
         args = (tokens, attention_mask) if residual is None else (tokens, attention_mask, residual)
@@ -469,6 +485,7 @@ class HookedTransformer(LoadingMixin, WeightViewsMixin, DatasetMixin, nn.Module)
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
         if tokens is None:
             raise ValueError("a loss needs the input tokens: pass tokens= with start_at_layer")
+        tokens, attention_mask = tokens.to(logits.device), attention_mask.to(logits.device)  # split: the last device
         loss = lm_cross_entropy_loss(logits, tokens, attention_mask if self._masked(attention_mask) else None,
                                      per_token=loss_per_token)
         return loss if return_type == "loss" else Output(logits, loss)
@@ -493,33 +510,63 @@ class HookedTransformer(LoadingMixin, WeightViewsMixin, DatasetMixin, nn.Module)
         return start, stop
 
     # ---------------------------------------------------------------- devices
-    def to(self, *args, print_details: bool = False, **kwargs) -> "HookedTransformer":  # type: ignore[override]
-        """nn.Module.to, keeping cfg.device / cfg.dtype in step; print_details says where the model went.
+    def to(self, device_or_dtype: torch.device | str | torch.dtype | None = None, print_details: bool = True, *,
+           device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+           non_blocking: bool = False) -> "HookedTransformer":  # type: ignore[override]
+        """Move or cast the model (TransformerLens's signature; device= and dtype= as nn.Module.to), keeping
+        cfg.device / cfg.dtype in step; print_details says what changed, as TransformerLens prints it.
 
         The captured graph is specialised to the dtype and device it was captured on, so a change of
-        either captures the HF model again (seconds; attached hooks stay, by name).
+        either captures the HF model again (seconds; attached hooks stay, by name). On a model split
+        across devices (n_devices / device_map), a device undoes the split (every block goes to it);
+        a dtype alone keeps it.
         """
+        if not isinstance(print_details, bool):
+            raise TypeError(f"to()'s second argument is print_details, got {print_details!r}: pass a device and a "
+                            f"dtype as to(device, dtype=...) or to(device=..., dtype=...)")
+        if isinstance(device_or_dtype, torch.dtype):
+            if dtype is not None and dtype != device_or_dtype:
+                raise ValueError(f"two dtypes given: {device_or_dtype} and dtype={dtype}")
+            dtype = device_or_dtype
+        elif device_or_dtype is not None:
+            if device is not None and torch.device(device) != torch.device(device_or_dtype):
+                raise ValueError(f"two devices given: {device_or_dtype!r} and device={device!r}")
+            device = device_or_dtype
+        args, kwargs = (), {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        kwargs["non_blocking"] = non_blocking
         before = next(self.parameters())
         before = (before.device, before.dtype)
-        with all_or_nothing([self, self.hf_model], self.cfg, self._recapture, clone=False):
+        placement = self.graphs.placement
+        unsplit = placement is not None and torch._C._nn._parse_to(*args, **kwargs)[0] is not None
+
+        def rebuild() -> None:
+            self.graphs.placement = placement
+            self._recapture()
+        with all_or_nothing([self, self.hf_model], self.cfg, rebuild, clone=False):
+            if unsplit:
+                self.graphs.set_placement(None)
+                self.cfg.n_devices = 1
             result = super().to(*args, **kwargs)
             param = next(self.parameters())
             self.cfg.device = str(param.device)
             self.cfg.dtype = param.dtype
-            if (param.device, param.dtype) != before:
+            if (param.device, param.dtype) != before or unsplit:
                 self._recapture()
         if print_details:
-            print(f"Moved model to device {param.device}, dtype {param.dtype}")
+            if device is not None:
+                print("Moving model to device: ", device)
+            if dtype is not None:
+                print("Changing model dtype to", dtype)
         return result
 
     def cuda(self, device=None) -> "HookedTransformer":  # type: ignore[override]
-        return self.to(torch.device("cuda", device) if isinstance(device, int) else (device or "cuda"))
+        return self.to(torch.device("cuda", device) if isinstance(device, int) else (device or "cuda"), False)
 
     def cpu(self) -> "HookedTransformer":  # type: ignore[override]
-        return self.to("cpu")
+        return self.to("cpu", False)
 
     def move_model_modules_to_device(self) -> None:
-        self.to(self.cfg.device)
+        self.to(self.cfg.device, False)
 
     # ------------------------------------------------------------------ flags
     def _set_flag(self, name: str, value: bool) -> None:

@@ -22,14 +22,15 @@ PACKAGES = ("fxhook", "adapters")
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("schema and graph ops", ("fxhook.core", "fxhook.adapter", "fxhook.weights", "fxhook.config",
                               "fxhook.factored_matrix", "fxhook.infer_adapter")),
-    ("adapters", ("adapters",)),
+    ("adapters", ("adapters", "fxhook.native")),  # fxhook.native: TransformerLens's own model family
     ("capture", ("fxhook.capture",)),
     ("passes", ("fxhook.passes", "fxhook.processing")),
     ("pipeline", ("fxhook.pipeline",)),
     ("runtime", ("fxhook.runtime", "fxhook.from_config", "fxhook.models_offline", "fxhook.datasets")),
     ("analysis", ("fxhook.analysis",)),
-    ("api", ("fxhook.model", "fxhook.utils")),
-    ("tools", ("fxhook.store", "fxhook.testing")),  # built on the api: harvesting, property checks
+    ("api", ("fxhook.model", "fxhook.utils", "fxhook.hook_points", "fxhook.patching")),
+    ("tools", ("fxhook.store", "fxhook.testing", "fxhook.evals", "fxhook.head_detector", "fxhook.SVDInterpreter",
+               "fxhook.train")),  # built on the api: harvesting, property checks, TL's companion modules
     ("cli", ("fxhook.cli", "fxhook.commands", "fxhook.__main__", "fxhook")),  # "fxhook": the package's __init__ (its front door)
 )
 

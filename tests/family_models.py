@@ -13,7 +13,7 @@ import torch
 import transformers
 from hypothesis import strategies as st
 
-from models import VOCAB, ModelSpec, randomise_biases, randomise_norms
+from models import VOCAB, ModelSpec, randomise_biases, randomise_norms, stratum_fields
 from support import note_family
 
 FAMILIES = ("gemma", "gemma2", "qwen3", "olmo2", "mixtral", "mistral", "qwen2")
@@ -70,8 +70,38 @@ def build_family_model(spec: FamilySpec, n_ctx: int = 64) -> torch.nn.Module:
     return model.eval()
 
 
+# Attention biases of the families whose HF config cannot switch them (spec.bias takes effect in Gemma,
+# Gemma 2, Qwen3 and OLMo 2): always (Qwen2's q/k/v) or never (Mistral, Mixtral), and their specs say so.
+FIXED_BIAS = {"mistral": False, "qwen2": True, "mixtral": False}
+
+
+def _specials(family: str, stratum: str, d_head: int) -> dict:
+    """The family's own options in a coverage stratum, all away from their defaults: windows shorter than
+    the batches (6+ positions), both soft-caps on, Gemma 2's query scale off d_head (2x in A, 1/2 in B),
+    Mixtral routing each token to 2 of 4 (A) or 3 (B) experts."""
+    a = stratum == "A"
+    if family == "gemma2":
+        return dict(window=3 if a else 2, attn_softcap=1.0 if a else 0.3, logit_softcap=2.0 if a else 0.5,
+                    query_scale=2 * d_head if a else d_head // 2)
+    if family == "mistral":
+        return dict(window=3 if a else 2)
+    if family == "mixtral":
+        return dict(n_experts=4 if a else 3, top_k=2)
+    return {}
+
+
 @st.composite
-def family_specs(draw, family: str) -> FamilySpec:
+def family_specs(draw, family: str, stratum: str = "free") -> FamilySpec:
+    """A random spec of `family`; in stratum "A" or "B" (models.stratum_fields plus _specials) with the
+    coverage fields fixed and the rest drawn."""
+    if stratum != "free":
+        fixed = stratum_fields(family, stratum)
+        fixed.pop("variant")
+        if family in FIXED_BIAS:
+            fixed["bias"] = FIXED_BIAS[family]
+        d_head = draw(st.sampled_from([4, 8] if fixed["n_heads"] == 4 else [8, 16]))  # d_model 16 or 32
+        return FamilySpec(family=family, d_head=d_head, d_mlp=draw(st.sampled_from([16, 40])),
+                          seed=draw(st.integers(0, 2**16)), **fixed, **_specials(family, stratum, d_head))
     n_heads = draw(st.sampled_from([1, 2, 4]))
     n_kv = draw(st.sampled_from([d for d in (1, 2, n_heads) if n_heads % d == 0]))
     d_head = draw(st.sampled_from([4, 8, 16]))
@@ -86,5 +116,6 @@ def family_specs(draw, family: str) -> FamilySpec:
         extra["top_k"] = draw(st.integers(1, min(2, extra["n_experts"])))
     return FamilySpec(
         family=family, n_layers=draw(st.integers(1, 3)), n_heads=n_heads, n_kv_heads=n_kv, d_head=d_head,
-        d_mlp=draw(st.sampled_from([16, 40])), bias=family != "mixtral" and draw(st.booleans()),
+        d_mlp=draw(st.sampled_from([16, 40])), bias=FIXED_BIAS.get(family, draw(st.booleans())),
         tied=draw(st.booleans()), seed=draw(st.integers(0, 2**16)), **extra)
+

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from hypothesis import Phase, strategies as st
+from hypothesis import Phase, settings, strategies as st
 from families import FAMILY_BUILDERS, MHA_ONLY
 from support import note_family
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, \
@@ -102,10 +102,40 @@ def build_hf_model(spec: ModelSpec, n_ctx: int = 64, tl_compatible: bool = False
     return model.eval()
 
 
+# Attention q/k/v biases of the families whose HF config cannot switch them (spec.bias takes effect in
+# Llama, GPT-NeoX and OPT): always (True) or never (False), and their specs say so.
+FIXED_BIAS = {"gpt2": True, "mistral": False, "qwen2": True, "gptj": False, "phi": True}
+
+# Coverage strata: every family property runs once per stratum (tests/test_coverage.py checks what they
+# cover). "A" and "B" fix what the CI examples must cover (2+ layers, GQA and MQA, biases on and off,
+# tied and untied, the family's options at non-default values) and draw the rest; "free" draws
+# everything (1 layer, MHA, ...) and runs under the thorough profile only, where examples abound.
+_THOROUGH = settings.default.max_examples > settings.get_profile("ci").max_examples
+STRATA = ("A", "B", "free") if _THOROUGH else ("A", "B")
+
+
+def stratum_fields(family: str, stratum: str) -> dict:
+    """The fields a stratum fixes for `family`: A is 2 layers of GQA (4 query heads on 2 kv heads), biased and
+    tied; B is 2 layers of MQA (2 heads on 1), unbiased and untied; the variant picks (tests/families.py)
+    a sequential NeoX block with half-rotary (A) and a parallel one with quarter-rotary (B)."""
+    gqa = family not in ("gpt2", *MHA_ONLY)  # the others have num_key_value_heads
+    fields = {"A": dict(n_layers=2, n_heads=4, n_kv_heads=2 if gqa else 4, bias=True, tied=True, variant=1),
+              "B": dict(n_layers=2, n_heads=2, n_kv_heads=1 if gqa else 2, bias=False, tied=False, variant=2)}[stratum]
+    if family in FIXED_BIAS:
+        fields["bias"] = FIXED_BIAS[family]
+    return fields
+
+
 @st.composite
-def model_specs(draw, families=("gpt2", "llama", "mistral", "qwen2")) -> ModelSpec:
+def model_specs(draw, families=("gpt2", "llama", "mistral", "qwen2"), stratum: str = "free") -> ModelSpec:
+    """A random spec of one of `families`; in stratum "A" or "B" (stratum_fields) with those fields fixed."""
     family = draw(st.sampled_from(families))
     note_family(family)
+    if stratum != "free":
+        fixed = stratum_fields(family, stratum)
+        d_head = draw(st.sampled_from([4, 8] if fixed["n_heads"] == 4 else [8, 16]))  # d_model 16 or 32
+        return ModelSpec(family=family, d_head=d_head, d_mlp=draw(st.sampled_from([16, 40])),
+                         seed=draw(st.integers(0, 2**16)), **fixed)
     n_heads = draw(st.sampled_from([1, 2, 4, 6]))
     if family in ("gpt2", *MHA_ONLY):
         n_kv = n_heads
@@ -119,11 +149,17 @@ def model_specs(draw, families=("gpt2", "llama", "mistral", "qwen2")) -> ModelSp
         n_kv_heads=n_kv,
         d_head=d_head,
         d_mlp=draw(st.sampled_from([16, 40, 64])),
-        bias=draw(st.booleans()),
+        bias=FIXED_BIAS.get(family, draw(st.booleans())),
         tied=draw(st.booleans()),
         seed=draw(st.integers(0, 2**16)),
         variant=draw(st.integers(0, 5)) if family in FAMILY_BUILDERS else 0,
     )
+
+
+def stratum_example(family: str, stratum: str, seed: int = 0) -> ModelSpec:
+    """A concrete spec of the stratum (for explicit hypothesis @examples)."""
+    fixed = stratum_fields(family, stratum)
+    return ModelSpec(family=family, d_head=8, d_mlp=40 if stratum == "A" else 16, seed=seed, **fixed)
 
 
 @st.composite
@@ -140,6 +176,32 @@ def token_batches(draw, max_batch: int = 3, max_len: int = 12, allow_left_paddin
             pad = draw(st.integers(0, length - 1))
             mask[row, :pad] = 0
             tokens[row, :pad] = 1
+    return tokens, mask
+
+
+@st.composite
+def left_padded_batches(draw, max_batch: int = 3, max_len: int = 10):
+    """(tokens [b, p], attention_mask [b, p]) of 2+ rows and 6+ positions: row 0 unpadded, every other row
+    left-padded by 1 to p - 2 (so even the smallest draw has padding, and a sequence longer than 5)."""
+    batch = draw(st.integers(2, max_batch))
+    length = draw(st.integers(6, max_len))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    tokens = torch.randint(2, VOCAB, (batch, length), generator=g)
+    mask = torch.ones_like(tokens)
+    for row in range(1, batch):
+        pad = draw(st.integers(1, length - 2))
+        mask[row, :pad] = 0
+        tokens[row, :pad] = 1
+    return tokens, mask
+
+
+def left_padded_example(seed: int = 0, batch: int = 2, length: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    """A concrete left-padded batch (for explicit hypothesis @examples): row 0 full, the others padded by 3."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(2, VOCAB, (batch, length), generator=g)
+    mask = torch.ones_like(tokens)
+    mask[1:, :3] = 0
+    tokens[1:, :3] = 1
     return tokens, mask
 
 

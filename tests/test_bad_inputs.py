@@ -218,4 +218,6 @@ def test_keywords_fxhook_cannot_honour_are_refused(gpt2, capsys):
     with pytest.raises(NotImplementedError, match="shortformer_pos_embed is not supported"):
         gpt2(tokens, shortformer_pos_embed=torch.zeros(1, 3, 16))
     gpt2.to("cpu", print_details=True)
-    assert "Moved model to device cpu, dtype torch.float32" in capsys.readouterr().out
+    assert "Moving model to device:  cpu" in capsys.readouterr().out  # TransformerLens's words
+    with pytest.raises(TypeError, match="second argument is print_details"):
+        gpt2.to("cpu", torch.float64)

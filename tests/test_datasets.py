@@ -34,7 +34,7 @@ def test_list_of_strings_and_sampling(model):
 
 
 def test_model_methods_as_in_transformer_lens(model):
-    dataset = model.load_sample_training_dataset(TEXTS[:1])
+    dataset = model.load_sample_training_dataset(source=TEXTS[:1])
     assert model.dataset is dataset
     assert model.sample_datapoint() == TEXTS[0]
     tokens = model.sample_datapoint(tokenize=True, prepend_bos=False)

@@ -2,7 +2,8 @@
 
 Every property draws a random GPT-2 / Llama / Mistral / Qwen2 config (1-4
 layers, MHA/GQA/MQA, tied or not, random norm weights and random linear
-biases) and a random left-padded token batch, and compares fxhook with the HF
+biases) and a random left-padded token batch (the logits test also runs explicit
+examples of every family in both coverage strata), and compares fxhook with the HF
 model's own modules. HF is always called with the mask-derived positions
 (`positions_for(mask)`), which is what fxhook computes internally.
 """
@@ -12,19 +13,30 @@ import functools
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch.testing import assert_close
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from fxhook import HookedTransformer
 from fxhook.utils import get_act_name
-from models import NO_SHRINK, ModelSpec, build_hf_model, model_specs, positions_for, token_batches
+from models import NO_SHRINK, ModelSpec, build_hf_model, left_padded_example, model_specs, positions_for, \
+    stratum_example, token_batches
 from profiles import examples
 
 
 ATOL = 1e-5
 ROTARY = ("llama", "mistral", "qwen2")
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
+
+
+def covering_examples(test):
+    """Explicit examples, on top of hypothesis's draws: every family in both coverage strata (models.STRATA:
+    2-3 layers, GQA and MQA, biases on and off where the config allows, tied and untied), on a left-padded
+    batch; tests/test_coverage.py checks what they cover."""
+    for i, (family, stratum) in enumerate((f, s) for f in FAMILIES for s in ("A", "B")):
+        test = example(spec=stratum_example(family, stratum, seed=i), batch=left_padded_example(seed=i))(test)
+    return test
 
 
 @functools.lru_cache(maxsize=4)
@@ -77,7 +89,8 @@ def expected_hook_shapes(spec: ModelSpec, batch: int, pos: int) -> dict[str, tup
 # --------------------------------------------------------------------------- logits
 @pytest.mark.support("*", "exact")
 @settings(phases=NO_SHRINK)
-@given(spec=model_specs(), batch=token_batches())
+@given(spec=model_specs(FAMILIES), batch=token_batches())
+@covering_examples
 def test_logits_match_hf_and_left_padding_is_invisible(spec, batch):
     tokens, mask = batch
     hf, model = built(spec)

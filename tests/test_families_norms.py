@@ -1,7 +1,7 @@
 """Gemma, Gemma 2, Qwen3, OLMo 2, Mixtral, windowed Mistral and Qwen2 against the HF model and TransformerLens 3.9.
 
-Per family (hypothesis draws the config: heads, GQA/MQA, biases, tying, Gemma 2's window, caps and
-query scale, Mixtral's experts): logits exact to 1e-5 without processing (left padding included), the
+Per family and coverage stratum (models.STRATA fixes layers, GQA/MQA, biases, tying, Gemma 2's window,
+caps and query scale, Mistral's window, Mixtral's experts; hypothesis draws the rest): logits exact to 1e-5 without processing (left padding included), the
 hook set and shapes of the contract plus the family's own hooks (TransformerLens's names), hook values
 read from the HF modules, log-probs to 1e-4 with processing, TransformerLens's activations at every
 shared hook, and greedy generation with the KV cache equal to HF's generate(use_cache=True).
@@ -21,13 +21,15 @@ from torch.testing import assert_close
 
 from family_models import POST_NORM, QK_NORM, FamilySpec, build_family_model, family_specs
 from fxhook import HookedTransformer
-from models import NO_SHRINK, VOCAB, positions_for, token_batches
+from models import NO_SHRINK, STRATA, VOCAB, left_padded_batches, positions_for
 from tl_reference_norms import tl_model
 from profiles import examples
 
 ATOL = 1e-5
-# one example per family under the "ci" profile (each costs a capture), ten under "thorough"
+# one example per family and coverage stratum under the "ci" profile (each costs a capture), ten under
+# "thorough" (models.STRATA; tests/test_coverage.py checks what the strata cover)
 EXAMPLES = examples(1)
+BATCHES = left_padded_batches(max_len=10)
 FAMILIES = ("gemma", "gemma2", "qwen3", "olmo2", "mixtral", "mistral", "qwen2")
 TL_FAMILIES = ("gemma", "gemma2", "qwen3", "olmo2", "mixtral")  # TransformerLens 3.9 has these
 # Mistral's generation past its window: tests/test_generate.py; Qwen2 here for its always-on q/k/v biases
@@ -42,7 +44,9 @@ POST_NORM_REFUSED = {("olmo2", flag) for flag in PER_HEAD_FLAGS}
 
 
 def tagged(families, *features):
-    return [pytest.param(f, marks=[pytest.mark.support(f, feat) for feat in features]) for f in families]
+    """(family, stratum) for every family and coverage stratum, marked with the support features."""
+    return [pytest.param(f, stratum, marks=[pytest.mark.support(f, feat) for feat in features], id=f"{f}-{stratum}")
+            for f in families for stratum in STRATA]
 
 
 @functools.lru_cache(maxsize=2)
@@ -112,12 +116,12 @@ def first(x):
 
 
 # --------------------------------------------------------------------- no processing
-@pytest.mark.parametrize("family", tagged(FAMILIES, "exact", "hooks"))
+@pytest.mark.parametrize("family, stratum", tagged(FAMILIES, "exact", "hooks"))
 @settings(max_examples=EXAMPLES, phases=NO_SHRINK)
 @given(data=st.data())
-def test_logits_exact_hooks_follow_the_contract_and_read_hf_values(family, data):
-    spec = data.draw(family_specs(family), label="spec")
-    tokens, mask = data.draw(token_batches(max_len=10), label="batch")
+def test_logits_exact_hooks_follow_the_contract_and_read_hf_values(family, stratum, data):
+    spec = data.draw(family_specs(family, stratum), label="spec")
+    tokens, mask = data.draw(BATCHES, label="batch")
     hf, model = built(spec)
     keep = mask.bool()
     paths = {"attn_out": HF_ATTN_OUT.get(family, "self_attn"), "mlp_out": HF_MLP_OUT.get(family, "mlp"),
@@ -209,12 +213,12 @@ def check_soft_caps_apply(spec, hf, model, cache, logits, keep):
 
 
 # ------------------------------------------------------------------------ processing
-@pytest.mark.parametrize("family", tagged(TL_FAMILIES, "processing"))
+@pytest.mark.parametrize("family, stratum", tagged(TL_FAMILIES, "processing"))
 @settings(max_examples=EXAMPLES, phases=NO_SHRINK)
 @given(data=st.data())
-def test_processing_keeps_log_probs(family, data):
-    spec = data.draw(family_specs(family), label="spec")
-    tokens, mask = data.draw(token_batches(max_len=10), label="batch")
+def test_processing_keeps_log_probs(family, stratum, data):
+    spec = data.draw(family_specs(family, stratum), label="spec")
+    tokens, mask = data.draw(BATCHES, label="batch")
     hf = build_family_model(spec)
     if family in POST_NORM:
         with pytest.warns(UserWarning, match="fold_ln skipped.*post-norm"):
@@ -244,13 +248,13 @@ def _comparable(cache_tl, cache_ours, names):
         yield name, theirs, ours.reshape(theirs.shape)  # TL flattens q/k-norm and routing hooks to [b*p*..., n]
 
 
-@pytest.mark.parametrize("family", tagged(TL_FAMILIES, "hooks", "processing"))
+@pytest.mark.parametrize("family, stratum", tagged(TL_FAMILIES, "hooks", "processing"))
 @settings(max_examples=EXAMPLES, phases=NO_SHRINK)
 @given(data=st.data())
-def test_activations_match_transformer_lens(family, data):
+def test_activations_match_transformer_lens(family, stratum, data):
     """Every hook TransformerLens 3.9 also has, unprocessed and processed (its converters drop attention
     biases, and its OLMo 2 is multi-head only)."""
-    spec = data.draw(family_specs(family), label="spec")
+    spec = data.draw(family_specs(family, stratum), label="spec")
     spec = dataclasses.replace(spec, bias=False, n_kv_heads=spec.n_heads if family == "olmo2" else spec.n_kv_heads)
     if spec.d_mlp == spec.d_model:  # TransformerLens's fold_ln finds W_in's d_model axis by shape (tests/test_processing_tl.py)
         spec = dataclasses.replace(spec, d_mlp=spec.d_mlp + 8)
@@ -278,12 +282,12 @@ def test_activations_match_transformer_lens(family, data):
 
 
 # ------------------------------------------------------------------------ generation
-@pytest.mark.parametrize("family", tagged(GENERATE_FAMILIES, "generate"))
+@pytest.mark.parametrize("family, stratum", tagged(GENERATE_FAMILIES, "generate"))
 @settings(max_examples=EXAMPLES, phases=NO_SHRINK)
 @given(data=st.data())
-def test_greedy_generation_with_kv_cache_equals_hf_generate(family, data):
+def test_greedy_generation_with_kv_cache_equals_hf_generate(family, stratum, data):
     """Prompts of 7 and 4 tokens plus 8 new ones run past every drawn sliding window (2 to 4)."""
-    spec = data.draw(family_specs(family), label="spec")
+    spec = data.draw(family_specs(family, stratum), label="spec")
     if family == "gemma2":  # a cap of order 1 squashes the logits into near-ties: keep the model decisive
         spec = dataclasses.replace(spec, logit_softcap=30.0)
     hf = sharpened(spec)

@@ -1,7 +1,8 @@
 """GPT-NeoX / Pythia, GPT-J, OPT and Phi against the HF models they wrap and TransformerLens 3.9.
 
-Each property draws a random config of one family (tests/families.py: parallel or sequential NeoX
-blocks, full or partial rotary, tied or not, random norms and biases) and a left-padded batch.
+Each property draws a random config of one family in each coverage stratum (models.STRATA: layers,
+GQA where Phi has it, biases, tying, and per tests/families.py parallel or sequential NeoX blocks and
+partial rotary; random norms and biases) and a left-padded batch.
 References are the HF model's own modules and functions (its projections, its rotary code, its
 generate) and TransformerLens's implementation of the family; no expected value comes from fxhook.
 """
@@ -20,14 +21,21 @@ from transformers import BloomConfig, BloomForCausalLM, OPTConfig, OPTForCausalL
 
 from families import PARTS, hf_block, hf_qkv, hf_rotate, is_parallel
 from fxhook import HookedTransformer
-from models import NO_SHRINK, VOCAB, ModelSpec, build_hf_model, model_specs, positions_for, token_batches
+from models import NO_SHRINK, STRATA, VOCAB, ModelSpec, build_hf_model, left_padded_batches, model_specs, positions_for
 from tl_reference_families import tl_model
 from profiles import examples
 
 FAMILIES = ("gpt_neox", "gptj", "opt", "phi")
 ATOL = 1e-5
-# examples per family and property: 1 in the "ci" profile (6 examples), 10 in "thorough" (60)
+# examples per family, coverage stratum and property: 1 in the "ci" profile (6 examples), 10 in "thorough" (60)
+# (models.STRATA; tests/test_coverage.py checks what the strata cover)
 EXAMPLES = examples(1)
+BATCHES = left_padded_batches()
+
+
+def stratified(families):
+    """(family, stratum) for every family and coverage stratum."""
+    return [pytest.param(f, stratum, id=f"{f}-{stratum}") for f in families for stratum in STRATA]
 PROCESSING = dict(fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True)
 
 
@@ -71,12 +79,12 @@ def expected_hook_shapes(spec: ModelSpec, b: int, p: int) -> dict[str, tuple[int
 # ------------------------------------------------------------ no processing: HF's logits and hooks
 @pytest.mark.support("*", "exact")
 @pytest.mark.support("*", "hooks")
-@pytest.mark.parametrize("family", FAMILIES)
-@settings(max_examples=2 * EXAMPLES, phases=NO_SHRINK)
+@pytest.mark.parametrize("family, stratum", stratified(FAMILIES))
+@settings(max_examples=EXAMPLES, phases=NO_SHRINK)
 @given(data=st.data())
-def test_unprocessed_equals_hf_and_hooks_follow_the_contract(family, data):
-    spec = data.draw(model_specs(families=(family,)), label="spec")
-    tokens, mask = data.draw(token_batches(), label="batch")
+def test_unprocessed_equals_hf_and_hooks_follow_the_contract(family, stratum, data):
+    spec = data.draw(model_specs(families=(family,), stratum=stratum), label="spec")
+    tokens, mask = data.draw(BATCHES, label="batch")
     hf, model = built(spec)
     keep = mask.bool()
     with torch.no_grad():
@@ -209,15 +217,16 @@ def check_hook_edits_and_per_head_flags(spec, hf, model, tokens, mask, cache, la
 
 # ------------------------------------------------------------------------------------ processing
 @pytest.mark.support("*", "processing")
-@pytest.mark.parametrize("family", ["gpt_neox", "opt"])
+@pytest.mark.parametrize("family, stratum", stratified(["gpt_neox", "opt"]))
 @settings(max_examples=EXAMPLES, phases=NO_SHRINK)
 @given(data=st.data())
-def test_processing_without_attention_biases_keeps_hf_log_probs(family, data):
+def test_processing_without_attention_biases_keeps_hf_log_probs(family, stratum, data):
     """fold_ln with LayerNorm biases creates q/k/v biases the HF model lacks (in NeoX's fused
     projection, a bias for the whole fused output); log-probs stay HF's. (Biased configs of every
     family are checked against HF and TransformerLens in the next test.)"""
-    spec = ModelSpec(**dict(data.draw(model_specs(families=(family,)), label="spec").__dict__, bias=False))
-    tokens, mask = data.draw(token_batches(), label="batch")
+    spec = ModelSpec(**dict(data.draw(model_specs(families=(family,), stratum=stratum), label="spec").__dict__,
+                            bias=False))
+    tokens, mask = data.draw(BATCHES, label="batch")
     hf = build_hf_model(spec)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -230,9 +239,10 @@ def test_processing_without_attention_biases_keeps_hf_log_probs(family, data):
 
 
 def _tl_comparable(spec: ModelSpec) -> ModelSpec:
-    """TransformerLens's converters need the attention biases (NeoX, OPT), and its fold_ln picks the
-    d_model axis of W_in by shape, folding along the wrong one when d_mlp == d_model."""
-    fields = dict(spec.__dict__, bias=True)
+    """TransformerLens's converters need the attention biases (NeoX, OPT), its Phi is multi-head only (its
+    converter splits k/v into n_heads), and its fold_ln picks the d_model axis of W_in by shape, folding
+    along the wrong one when d_mlp == d_model."""
+    fields = dict(spec.__dict__, bias=True, n_kv_heads=spec.n_heads)
     if spec.d_mlp == spec.d_model:
         fields["d_mlp"] = spec.d_mlp + 8
     return ModelSpec(**fields)
@@ -244,16 +254,16 @@ WEIGHTS = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O", "W_in", "W_ou
 
 @pytest.mark.support("*", "processing")
 @pytest.mark.support("*", "hooks")
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family, stratum", stratified(FAMILIES))
 @settings(max_examples=EXAMPLES, phases=NO_SHRINK)
 @given(data=st.data(), seed=st.integers(0, 2**16))
-def test_weights_and_activations_match_transformer_lens(family, data, seed):
+def test_weights_and_activations_match_transformer_lens(family, stratum, data, seed):
     """Unprocessed and processed (all four flags), every weight view and every hook TransformerLens
     also has equal TransformerLens 3.9's implementation of the family; processed log-probs equal HF's."""
-    spec = _tl_comparable(data.draw(model_specs(families=(family,)), label="spec"))
+    spec = _tl_comparable(data.draw(model_specs(families=(family,), stratum=stratum), label="spec"))
     hf = build_hf_model(spec)
     tokens = torch.randint(2, VOCAB, (2, 7), generator=torch.Generator().manual_seed(seed))
-    padded, mask = data.draw(token_batches(), label="batch")
+    padded, mask = data.draw(BATCHES, label="batch")
     ours = HookedTransformer.from_pretrained_no_processing(hf_model=copy.deepcopy(hf))
     for flags in ({}, PROCESSING):
         reference = tl_model(hf, **flags)
@@ -294,11 +304,11 @@ def sharpened(spec: ModelSpec) -> tuple[torch.nn.Module, HookedTransformer]:
 
 
 @pytest.mark.support("*", "generate")
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family, stratum", stratified(FAMILIES))
 @settings(max_examples=EXAMPLES, phases=NO_SHRINK)
 @given(data=st.data(), seed=st.integers(0, 2**16))
-def test_greedy_generation_with_kv_cache_equals_hf_generate(family, data, seed):
-    spec = data.draw(model_specs(families=(family,)), label="spec")
+def test_greedy_generation_with_kv_cache_equals_hf_generate(family, stratum, data, seed):
+    spec = data.draw(model_specs(families=(family,), stratum=stratum), label="spec")
     hf, model = sharpened(spec)
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(2, VOCAB, (2, 7), generator=g)

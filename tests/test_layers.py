@@ -49,6 +49,8 @@ _MODULE_PATH_SPLITS = {
     ("fxhook/runtime/loading.py", "blocks_path.rpartition"),  # an adapter's module path
     ("fxhook/capture/ungroup.py", "name.rpartition"),  # a buffer's module path in the HF model
     ("fxhook/infer_adapter.py", "path.rsplit"),  # a module path
+    ("fxhook/runtime/saving.py", "key.rpartition"),  # a HF state-dict key: a module path and a leaf
+    ("fxhook/utils/tensors.py", "attr_str.split"),  # get_nested_attr / set_nested_attr: attribute paths
 }
 _SPLITS = {"split", "rsplit", "partition", "rpartition"}
 

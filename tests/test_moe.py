@@ -14,14 +14,19 @@ from torch.testing import assert_close
 
 from family_models import FamilySpec, build_family_model, family_specs
 from fxhook import HookedTransformer
-from models import NO_SHRINK, positions_for, token_batches
+from models import NO_SHRINK, STRATA, left_padded_batches, positions_for
+from profiles import examples
+
+BATCHES = left_padded_batches(max_len=8)
 
 
 @pytest.mark.support("mixtral", "hooks")
-@settings(max_examples=max(1, settings().max_examples // 6), phases=NO_SHRINK)
-@given(spec=family_specs("mixtral"), batch=token_batches(max_len=8), data=st.data())
-def test_editing_the_chosen_experts_matches_the_same_edit_in_hf(spec, batch, data):
-    tokens, mask = batch
+@pytest.mark.parametrize("stratum", STRATA)  # one example per coverage stratum under the "ci" profile
+@settings(max_examples=examples(1), phases=NO_SHRINK)
+@given(data=st.data())
+def test_editing_the_chosen_experts_matches_the_same_edit_in_hf(stratum, data):
+    spec = data.draw(family_specs("mixtral", stratum), label="spec")
+    tokens, mask = data.draw(BATCHES, label="batch")
     layer = data.draw(st.integers(0, spec.n_layers - 1), label="layer")
     hf = build_family_model(spec)
     model = HookedTransformer.from_pretrained_no_processing(hf_model=hf)

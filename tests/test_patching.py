@@ -127,3 +127,27 @@ def test_explicit_indices_progress_and_errors(pair, capfd):
     with pytest.raises(ValueError, match="exactly one of"):
         patching.generic_activation_patch(model, corrupted, cache, metric, patching.layer_pos_patch_setter,
                                           "resid_pre")
+
+
+# the three "..._every" functions stack these sweeps (passing reuse_prefix on) and are checked against
+# TransformerLens above
+SWEEPS = sorted(name for name in dir(patching) if name.startswith("get_act_patch_") and not name.endswith("_every"))
+
+
+def test_reusing_the_prefix_equals_full_recomputation(pair):
+    """Every sweep, run from the patched hook on (the corrupted run cached once) or recomputed whole: equal,
+    on a GQA model with a batch of two."""
+    model, _ = pair
+    clean, corrupted = prompts(4, 3, 2)
+    clean, corrupted = clean.repeat(2, 1), corrupted.repeat(2, 1)
+    metric = lambda logits: (logits[:, -1, 3] - logits[:, -1, 4]).mean()  # noqa: E731
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean)
+    built = model.graphs.built
+    assert len(SWEEPS) == 18
+    for name in SWEEPS:
+        sweep = getattr(patching, name)
+        reused = sweep(model, corrupted, cache, metric, progress=False)
+        full = sweep(model, corrupted, cache, metric, progress=False, reuse_prefix=False)
+        assert reused.shape == full.shape and torch.allclose(reused, full, atol=1e-5), name
+    assert model.graphs.built > built  # the resumed graphs were built and used

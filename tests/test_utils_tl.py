@@ -260,3 +260,27 @@ def test_every_transformer_lens_utility_function_exists():
     tl_names = {n for n in dir(tl_utils) if not n.startswith("_") and callable(getattr(tl_utils, n))}
     missing = sorted(n for n in tl_names if not hasattr(utils, n))
     assert len(missing) <= 15, missing
+
+
+def test_device_helpers_follow_transformer_lens():
+    from transformer_lens import HookedTransformerConfig as TLConfig
+
+    from fxhook import HookedTransformerConfig
+
+    for n_layers, n_devices in ((12, 1), (12, 2), (13, 3), (5, 5)):
+        ours = HookedTransformerConfig(d_model=8, d_head=4, n_layers=n_layers, n_ctx=8, d_vocab=10,
+                                       n_devices=n_devices, device="cuda")
+        theirs = TLConfig(d_model=8, d_head=4, n_layers=n_layers, n_ctx=8, d_vocab=10, device="cpu")
+        theirs.n_devices, theirs.device = n_devices, "cuda"
+        for index in range(n_layers):
+            assert utils.get_device_for_block_index(index, ours) == \
+                tl_utils.get_device_for_block_index(index, theirs), (n_layers, n_devices, index)
+    assert utils.sort_devices_based_on_available_memory([(0, 5), (1, 9)]) == \
+        tl_utils.sort_devices_based_on_available_memory([(0, 5), (1, 9)])
+    layer = torch.nn.Linear(2, 2)
+    assert utils.count_unique_devices(layer) == 1
+    from transformers import GPTNeoXConfig
+
+    for factor in (0.25, 1.0):
+        config = GPTNeoXConfig(rotary_pct=factor)
+        assert utils.get_rotary_pct_from_config(config) == tl_utils.get_rotary_pct_from_config(config)

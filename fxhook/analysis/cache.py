@@ -1,6 +1,8 @@
 """ActivationCache: the activations of one run, by hook name, with TransformerLens shorthand."""
 from __future__ import annotations
 
+import json
+import os
 from typing import Iterator
 
 import torch
@@ -66,14 +68,57 @@ class ActivationCache(CacheAnalysisMixin):
     def __repr__(self) -> str:
         return f"ActivationCache with keys {list(self.cache_dict)}"
 
-    def to(self, device, move_model: bool = False) -> "ActivationCache":
+    def to(self, device, *, move_model: bool = False) -> "ActivationCache":
         self.cache_dict = {k: v.to(device) for k, v in self.cache_dict.items()}
         if move_model:
-            self.model.to(device)
+            self.model.to(device, False)
         return self
 
     def toggle_autodiff(self, mode: bool = False) -> None:
         torch.set_grad_enabled(mode)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the cache to one safetensors file (written under a temporary name, then renamed);
+        `ActivationCache.load(path, model=...)` reads it back exactly."""
+        from safetensors.torch import save_file
+
+        from fxhook.runtime.saving import config_hash
+
+        tensors, storages = {}, set()
+        for name, value in self.cache_dict.items():
+            value = value.detach().to("cpu").contiguous()
+            key = (value.untyped_storage().data_ptr(), value.device.type)
+            tensors[name] = value.clone() if key in storages else value  # safetensors refuses shared storage
+            storages.add(key)
+        metadata = {"fxhook": "ActivationCache", "has_batch_dim": json.dumps(self.has_batch_dim),
+                    "names": json.dumps(list(tensors)),  # the cache's order (the file sorts its keys)
+                    "config_hash": config_hash(self.model.cfg) if self.model is not None else "",
+                    "model_name": str(getattr(getattr(self.model, "cfg", None), "model_name", ""))}
+        path = os.fspath(path)
+        tmp = path + ".tmp"
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model, device: torch.device | str | None = None) -> "ActivationCache":
+        """A cache written by `save`, for `model` (the one it was made with: a model with another config
+        is refused, since the analysis methods read its weights). `device`: where the tensors go (default:
+        the model's device)."""
+        from safetensors import safe_open
+
+        from fxhook.runtime.saving import config_hash
+
+        with safe_open(os.fspath(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("fxhook") != "ActivationCache":
+                raise ValueError(f"{os.fspath(path)!r} is not an ActivationCache written by cache.save(path)")
+            if metadata["config_hash"] != config_hash(model.cfg):
+                raise ValueError(f"{os.fspath(path)!r} was saved from a model ({metadata['model_name']}) whose config "
+                                 f"differs from this model's ({model.cfg.model_name}): load it with the model "
+                                 "that made it")
+            target = device if device is not None else model.cfg.device
+            cache_dict = {name: f.get_tensor(name).to(target) for name in json.loads(metadata["names"])}
+        return cls(cache_dict, model, has_batch_dim=json.loads(metadata["has_batch_dim"]))
 
     def remove_batch_dim(self) -> "ActivationCache":
         """Drop the batch dimension of a batch-1 cache (in place, as TransformerLens)."""
@@ -85,3 +130,18 @@ class ActivationCache(CacheAnalysisMixin):
         self.cache_dict = {k: v[0] for k, v in self.cache_dict.items()}
         self.has_batch_dim = False
         return self
+
+    # ---------------------------------------------------------------- state-space models (refused)
+    def compute_ssm_effective_attention(self, layer: int | None = None, include_dt_scaling: bool = False,
+                                        per_state_coord: bool = False):
+        raise NotImplementedError(_NO_SSM)
+
+    def compute_ssm_state(self, layer: int | None = None, time_step: int | None = None):
+        raise NotImplementedError(_NO_SSM)
+
+    def ssm_layers(self, mixer_type=None) -> list[int]:
+        raise NotImplementedError(_NO_SSM)
+
+
+_NO_SSM = ("state-space (Mamba-style) analysis: fxhook wraps transformer causal LMs, whose caches hold no SSM "
+           "states to analyse")

@@ -9,16 +9,21 @@ and result shapes).
 Every function measures each index separately, several patches to a forward pass (as copies of
 the input along the batch axis), under torch.no_grad and eager even on a compiled model (each
 newly hooked point would compile); a tqdm bar shows on sweeps of more than PROGRESS_FROM
-patches (progress=True/False to choose).
+patches (progress=True/False to choose). The corrupted input runs once; each forward pass then
+computes only what comes after the patched hook (`model.run_from`; reuse_prefix=False recomputes
+everything). Attribution patching (every patch estimated at once) and path patching live in
+attribution.py and path_patching.py and are importable from here.
 """
 from __future__ import annotations
 
 import itertools
 from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
+import einops
 import torch
 from tqdm.auto import tqdm
 
+from fxhook.analysis.resume import required_inputs, run_resumed
 from fxhook.core.hook_names import get_act_name
 
 if TYPE_CHECKING:
@@ -33,56 +38,58 @@ PROGRESS_FROM = 20
 
 # ------------------------------------------------------------------ setters
 # (corrupted activation, index, clean activation) -> patched activation; index[0] is the layer.
-def layer_patch_setter(corrupted: torch.Tensor, index: Sequence[int], clean: torch.Tensor) -> torch.Tensor:
+def layer_patch_setter(corrupted_activation: torch.Tensor, index: Sequence[int],
+                       clean_activation: torch.Tensor) -> torch.Tensor:
     """index = [layer]: the whole activation, every position."""
-    return clean.clone()
+    return clean_activation.clone()
 
 
-def layer_pos_patch_setter(corrupted: torch.Tensor, index: Sequence[int], clean: torch.Tensor) -> torch.Tensor:
+def layer_pos_patch_setter(corrupted_activation: torch.Tensor, index: Sequence[int],
+                           clean_activation: torch.Tensor) -> torch.Tensor:
     """index = [layer, pos], for [batch, pos, ...] activations (residual, outputs, MLP)."""
     _, pos = index
-    corrupted[:, pos] = clean[:, pos]
-    return corrupted
+    corrupted_activation[:, pos] = clean_activation[:, pos]
+    return corrupted_activation
 
 
-def layer_pos_head_vector_patch_setter(corrupted: torch.Tensor, index: Sequence[int], clean: torch.Tensor
-                                       ) -> torch.Tensor:
+def layer_pos_head_vector_patch_setter(corrupted_activation: torch.Tensor, index: Sequence[int],
+                                       clean_activation: torch.Tensor) -> torch.Tensor:
     """index = [layer, pos, head], for [batch, pos, head, d_head] activations (q, k, v, z)."""
     _, pos, head = index
-    corrupted[:, pos, head] = clean[:, pos, head]
-    return corrupted
+    corrupted_activation[:, pos, head] = clean_activation[:, pos, head]
+    return corrupted_activation
 
 
-def layer_head_vector_patch_setter(corrupted: torch.Tensor, index: Sequence[int], clean: torch.Tensor
-                                   ) -> torch.Tensor:
+def layer_head_vector_patch_setter(corrupted_activation: torch.Tensor, index: Sequence[int],
+                                   clean_activation: torch.Tensor) -> torch.Tensor:
     """index = [layer, head], every position, for [batch, pos, head, d_head] activations."""
     _, head = index
-    corrupted[:, :, head] = clean[:, :, head]
-    return corrupted
+    corrupted_activation[:, :, head] = clean_activation[:, :, head]
+    return corrupted_activation
 
 
-def layer_head_pattern_patch_setter(corrupted: torch.Tensor, index: Sequence[int], clean: torch.Tensor
-                                    ) -> torch.Tensor:
+def layer_head_pattern_patch_setter(corrupted_activation: torch.Tensor, index: Sequence[int],
+                                    clean_activation: torch.Tensor) -> torch.Tensor:
     """index = [layer, head], for [batch, head, dest_pos, src_pos] patterns and scores."""
     _, head = index
-    corrupted[:, head] = clean[:, head]
-    return corrupted
+    corrupted_activation[:, head] = clean_activation[:, head]
+    return corrupted_activation
 
 
-def layer_head_pos_pattern_patch_setter(corrupted: torch.Tensor, index: Sequence[int], clean: torch.Tensor
-                                        ) -> torch.Tensor:
+def layer_head_pos_pattern_patch_setter(corrupted_activation: torch.Tensor, index: Sequence[int],
+                                        clean_activation: torch.Tensor) -> torch.Tensor:
     """index = [layer, head, dest_pos]: one query row of a pattern."""
     _, head, dest = index
-    corrupted[:, head, dest] = clean[:, head, dest]
-    return corrupted
+    corrupted_activation[:, head, dest] = clean_activation[:, head, dest]
+    return corrupted_activation
 
 
-def layer_head_dest_src_pos_pattern_patch_setter(corrupted: torch.Tensor, index: Sequence[int],
-                                                 clean: torch.Tensor) -> torch.Tensor:
+def layer_head_dest_src_pos_pattern_patch_setter(corrupted_activation: torch.Tensor, index: Sequence[int],
+                                                 clean_activation: torch.Tensor) -> torch.Tensor:
     """index = [layer, head, dest_pos, src_pos]: one entry of a pattern."""
     _, head, dest, src = index
-    corrupted[:, head, dest, src] = clean[:, head, dest, src]
-    return corrupted
+    corrupted_activation[:, head, dest, src] = clean_activation[:, head, dest, src]
+    return corrupted_activation
 
 
 # ------------------------------------------------------------------ the generic sweep
@@ -100,12 +107,28 @@ def _rows_of(index_df) -> tuple[list[tuple[int, ...]], list[str] | None]:
     return rows, None
 
 
+def _runs(rows: list[tuple[int, ...]], activation_name: str, per_run: int
+          ) -> list[tuple[str, list[tuple[int, tuple[int, ...]]]]]:
+    """The forward passes of a sweep: (hook name, [(row number, index)]), at most per_run patches each and
+    one hook name each, so a run recomputes only what comes after that hook."""
+    by_name: dict[str, list[tuple[int, tuple[int, ...]]]] = {}
+    for number, index in enumerate(rows):
+        by_name.setdefault(get_act_name(activation_name, index[0]), []).append((number, index))
+    return [(name, members[i:i + per_run]) for name, members in by_name.items()
+            for i in range(0, len(members), per_run)]
+
+
+def _copies(x: torch.Tensor, n: int) -> torch.Tensor:
+    """n copies of a batch along the batch axis, copy-major: [b, ...] -> [n * b, ...]."""
+    return einops.repeat(x, "b ... -> (copies b) ...", copies=n)
+
+
 def generic_activation_patch(model: HookedTransformer, corrupted_tokens: torch.Tensor | str,
                              clean_cache: ActivationCache, patching_metric: Metric,
                              patch_setter: PatchSetter, activation_name: str,
                              index_axis_names: Sequence[AxisName] | None = None, index_df=None,
-                             return_index_df: bool = False, progress: bool | None = None,
-                             patches_per_run: int = 8):
+                             return_index_df: bool = False, *, progress: bool | None = None,
+                             patches_per_run: int = 8, reuse_prefix: bool = True):
     """The patching metric for every index: [one axis per index_axis_names], or [rows] when the
     indices are given explicitly as index_df (a DataFrame or a list of tuples, layer first).
 
@@ -114,6 +137,9 @@ def generic_activation_patch(model: HookedTransformer, corrupted_tokens: torch.T
     return_index_df: also return the indices as a pandas DataFrame.
     patches_per_run: patches done in one forward pass, as copies of the input along the batch axis
     (the metric still sees one copy's logits at a time); 1 runs them one by one.
+    reuse_prefix: run the corrupted input once, cache what each patched hook's downstream reads, and per
+    run compute only the part of the model after the patched hook (`model.run_from`); False recomputes
+    the whole forward for every run (the same results, slower).
     """
     if isinstance(corrupted_tokens, str):
         corrupted_tokens = model.to_tokens(corrupted_tokens)
@@ -134,8 +160,8 @@ def generic_activation_patch(model: HookedTransformer, corrupted_tokens: torch.T
     results = torch.zeros(shape, device=corrupted_tokens.device)
     batch = corrupted_tokens.shape[0]
 
-    def patch(name: str, members: list[tuple[int, Sequence[int]]]):
-        """One hook for all the patches of this run at `name`: (copy in the run, index) pairs."""
+    def patch(name: str, members: list[tuple[int, tuple[int, ...]]]):
+        """One hook for all the patches of this run at `name` (copy i of the input gets members[i])."""
         clean = clean_cache[name]
 
         def hook(activation: torch.Tensor, hook) -> torch.Tensor:
@@ -145,28 +171,33 @@ def generic_activation_patch(model: HookedTransformer, corrupted_tokens: torch.T
                                  "must have the same batch size and number of tokens")
             activation = activation.clone()
             source = clean.to(activation.device)
-            for copy, index in members:
+            for copy, (_, index) in enumerate(members):
                 part = slice(copy * batch, (copy + 1) * batch)
                 activation[part] = patch_setter(activation[part], index, source)
             return activation
         return hook
 
+    runs = _runs(rows, activation_name, max(1, int(patches_per_run)))
     show = len(rows) > PROGRESS_FROM if progress is None else progress
-    per_run = max(1, int(patches_per_run))
     bar = tqdm(total=len(rows), desc=f"patching {activation_name}", disable=not show)
     with torch.no_grad(), model.graphs.eager():
-        for start in range(0, len(rows), per_run):
-            chunk = rows[start:start + per_run]
-            by_name: dict[str, list[tuple[int, Sequence[int]]]] = {}
-            for copy, index in enumerate(chunk):
-                by_name.setdefault(get_act_name(activation_name, index[0]), []).append((copy, index))
-            tokens = corrupted_tokens.repeat(len(chunk), 1)  # one copy of the input per patch
-            hooks = [(name, patch(name, members)) for name, members in by_name.items()]
-            logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
-            for copy, index in enumerate(chunk):
+        tokens, mask = model.input_to_tokens(corrupted_tokens, None, None, None)
+        corrupted = _corrupted_inputs(model, tokens, mask, {name for name, _ in runs}) if reuse_prefix else None
+        for name, members in runs:
+            hooks = [(name, patch(name, members))]
+            if corrupted is None:
+                logits = model.run_with_hooks(_copies(tokens, len(members)), attention_mask=_copies(mask, len(members)),
+                                              fwd_hooks=hooks)
+            else:
+                with model.hooks(hooks):
+                    needed = required_inputs(model, frozenset([name]))
+                    values = {n: _copies(corrupted[n], len(members)) for n in needed}
+                    logits, _, _ = run_resumed(model, frozenset([name]), values, _copies(tokens, len(members)),
+                                               _copies(mask, len(members)))
+            for copy, (number, index) in enumerate(members):
                 value = float(patching_metric(logits[copy * batch:(copy + 1) * batch]))
-                results[index if index_df is None else start + copy] = value
-            bar.update(len(chunk))
+                results[index if index_df is None else number] = value
+            bar.update(len(members))
     bar.close()
     if not return_index_df:
         return results
@@ -175,15 +206,27 @@ def generic_activation_patch(model: HookedTransformer, corrupted_tokens: torch.T
     return results, pd.DataFrame(rows, columns=columns)
 
 
+def _corrupted_inputs(model: HookedTransformer, tokens: torch.Tensor, mask: torch.Tensor, starts: set[str]
+                      ) -> dict[str, torch.Tensor]:
+    """One corrupted run keeping every activation that a run resumed from one of `starts` reads."""
+    needed: set[str] = set()
+    for name in starts:
+        needed.update(required_inputs(model, frozenset([name])))
+    _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=sorted(needed))
+    return dict(cache.items())
+
+
 # ------------------------------------------------------------------ the usual sweeps
 def _sweep(activation_name: str, setter: PatchSetter, axes: tuple[str, ...], what: str):
     def run(model: HookedTransformer, corrupted_tokens: torch.Tensor, clean_cache: ActivationCache,
-            patching_metric: Metric, progress: bool | None = None,
-            patches_per_run: int = 8) -> torch.Tensor:
+            patching_metric: Metric, *, index_df=None, return_index_df: bool = False, progress: bool | None = None,
+            patches_per_run: int = 8, reuse_prefix: bool = True):
         return generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metric, setter,
-                                        activation_name, index_axis_names=axes, progress=progress,
-                                        patches_per_run=patches_per_run)
-    run.__doc__ = f"Patch {what}; returns the metric as [{', '.join(axes)}]."
+                                        activation_name, index_axis_names=None if index_df is not None else axes,
+                                        index_df=index_df, return_index_df=return_index_df, progress=progress,
+                                        patches_per_run=patches_per_run, reuse_prefix=reuse_prefix)
+    run.__doc__ = (f"Patch {what}; returns the metric as [{', '.join(axes)}] (or one value per row of index_df, "
+                   f"a DataFrame with columns {list(axes)}; return_index_df also returns the rows).")
     return run
 
 
@@ -233,33 +276,51 @@ def _pad_heads(results: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def get_act_patch_attn_head_all_pos_every(model: HookedTransformer, corrupted_tokens: torch.Tensor,
-                                          clean_cache: ActivationCache, metric: Metric,
-                                          progress: bool | None = None) -> torch.Tensor:
+                                          clean_cache: ActivationCache, metric: Metric, *,
+                                          progress: bool | None = None, reuse_prefix: bool = True) -> torch.Tensor:
     """[5 (z, q, k, v, pattern), layer, head]: every head, every position at once."""
     n = model.cfg.n_heads
-    args = (model, corrupted_tokens, clean_cache, metric, progress)
-    return torch.stack([get_act_patch_attn_head_out_all_pos(*args), get_act_patch_attn_head_q_all_pos(*args),
-                        _pad_heads(get_act_patch_attn_head_k_all_pos(*args), n),
-                        _pad_heads(get_act_patch_attn_head_v_all_pos(*args), n),
-                        get_act_patch_attn_head_pattern_all_pos(*args)])
+    args, options = (model, corrupted_tokens, clean_cache, metric), dict(progress=progress, reuse_prefix=reuse_prefix)
+    return torch.stack([get_act_patch_attn_head_out_all_pos(*args, **options),
+                        get_act_patch_attn_head_q_all_pos(*args, **options),
+                        _pad_heads(get_act_patch_attn_head_k_all_pos(*args, **options), n),
+                        _pad_heads(get_act_patch_attn_head_v_all_pos(*args, **options), n),
+                        get_act_patch_attn_head_pattern_all_pos(*args, **options)])
 
 
 def get_act_patch_attn_head_by_pos_every(model: HookedTransformer, corrupted_tokens: torch.Tensor,
-                                         clean_cache: ActivationCache, metric: Metric,
-                                         progress: bool | None = None) -> torch.Tensor:
+                                         clean_cache: ActivationCache, metric: Metric, *,
+                                         progress: bool | None = None, reuse_prefix: bool = True) -> torch.Tensor:
     """[5 (z, q, k, v, pattern), layer, pos, head]: every head at every (query) position."""
     n = model.cfg.n_heads
-    args = (model, corrupted_tokens, clean_cache, metric, progress)
-    pattern = get_act_patch_attn_head_pattern_by_pos(*args).transpose(-1, -2)  # [layer, dest_pos, head]
-    return torch.stack([get_act_patch_attn_head_out_by_pos(*args), get_act_patch_attn_head_q_by_pos(*args),
-                        _pad_heads(get_act_patch_attn_head_k_by_pos(*args), n),
-                        _pad_heads(get_act_patch_attn_head_v_by_pos(*args), n), pattern])
+    args, options = (model, corrupted_tokens, clean_cache, metric), dict(progress=progress, reuse_prefix=reuse_prefix)
+    pattern = get_act_patch_attn_head_pattern_by_pos(*args, **options).transpose(-1, -2)  # [layer, dest_pos, head]
+    return torch.stack([get_act_patch_attn_head_out_by_pos(*args, **options),
+                        get_act_patch_attn_head_q_by_pos(*args, **options),
+                        _pad_heads(get_act_patch_attn_head_k_by_pos(*args, **options), n),
+                        _pad_heads(get_act_patch_attn_head_v_by_pos(*args, **options), n), pattern])
 
 
 def get_act_patch_block_every(model: HookedTransformer, corrupted_tokens: torch.Tensor,
-                              clean_cache: ActivationCache, metric: Metric,
-                              progress: bool | None = None) -> torch.Tensor:
+                              clean_cache: ActivationCache, metric: Metric, *,
+                              progress: bool | None = None, reuse_prefix: bool = True) -> torch.Tensor:
     """[3 (resid_pre, attn_out, mlp_out), layer, pos]."""
-    args = (model, corrupted_tokens, clean_cache, metric, progress)
-    return torch.stack([get_act_patch_resid_pre(*args), get_act_patch_attn_out(*args),
-                        get_act_patch_mlp_out(*args)])
+    args, options = (model, corrupted_tokens, clean_cache, metric), dict(progress=progress, reuse_prefix=reuse_prefix)
+    return torch.stack([get_act_patch_resid_pre(*args, **options), get_act_patch_attn_out(*args, **options),
+                        get_act_patch_mlp_out(*args, **options)])
+
+
+def make_df_from_ranges(column_max_ranges: Sequence[int], column_names: Sequence[str]):
+    """A pandas DataFrame with one row per combination of indices, column i running over
+    range(column_max_ranges[i]): the index_df of a sweep over those axes."""
+    import pandas as pd
+
+    if len(column_max_ranges) != len(column_names):
+        raise ValueError(f"{len(column_max_ranges)} ranges for {len(column_names)} column names")
+    rows = list(itertools.product(*(range(n) for n in column_max_ranges)))
+    return pd.DataFrame(rows, columns=list(column_names))
+
+
+# ------------------------------------------------------------------ estimates and paths (their own modules)
+from fxhook.analysis.attribution import attribution_patch  # noqa: E402, F401  (first-order: every patch at once)
+from fxhook.analysis.path_patching import get_path_patch_head_to_receivers, path_patch  # noqa: E402, F401

@@ -11,6 +11,8 @@ from typing import Any, Union
 import numpy as np
 import torch
 
+from fxhook.core.hook_names import position_axis
+
 SliceInput = Union[None, int, slice, tuple, list, np.ndarray, torch.Tensor, Any]
 
 
@@ -61,3 +63,19 @@ class Slice:
 
 def as_slice(selection: SliceInput) -> Slice:
     return selection if isinstance(selection, Slice) else Slice(selection)
+
+
+def position_selection(pos_slice: SliceInput) -> Slice:
+    """A cache's pos_slice, as TransformerLens reads it: an int keeps its axis, of length 1."""
+    single = isinstance(pos_slice, (int, np.integer)) and not isinstance(pos_slice, bool)
+    return as_slice([int(pos_slice)] if single else pos_slice)
+
+
+def slice_positions(name: str, value: torch.Tensor, selection: Slice, batch_axes: int = 1) -> torch.Tensor:
+    """The selected positions of activation `name` (query positions for patterns and scores; "_grad" names as
+    their activation); unchanged when it has no position axis. batch_axes 0: the batch axis was removed."""
+    axis = position_axis(name.removesuffix("_grad"))
+    if axis is None:
+        return value
+    axis -= 1 - batch_axes
+    return value if value.dim() <= axis else selection.apply(value, dim=axis)

@@ -1,7 +1,8 @@
 """Capture of the block parts beyond the common layout, driven by adapter data.
 
 - extra norms: Gemma 2's post norms (ln1_post / ln2_post) and q/k norms (attn.q_norm /
-  attn.k_norm, TransformerLens's names) get fxhook's hooked norm, as ln1/ln2 do;
+  attn.k_norm, TransformerLens's names) get fxhook's hooked norm, as ln1/ln2 do; so does SoLU-LN's
+  LayerNorm after the activation (mlp.ln, with mlp.hook_mid on the activation's output);
 - mixture-of-experts MLPs (Mixtral): the router is recomputed with TransformerLens's routing
   hooks (mlp.hook_expert_weights: the softmax over all experts [b, p, n_experts], before top-k;
   mlp.hook_expert_indices: the chosen experts [b, p, k]), and the experts run as one dense,
@@ -24,10 +25,15 @@ from fxhook.core.ops import hook_marker
 def install_block_extras(inst, block: nn.Module, layer: int) -> None:
     """Instrument `block`'s extra norms and experts (`inst` is the capture's instrumenter)."""
     norms, ff = inst.adapter.norms, inst.adapter.feed_forward
-    for path, norm in ((norms.ln1_post, "ln1_post"), (norms.ln2_post, "ln2_post"), (norms.q_norm, "attn.q_norm"),
-                       (norms.k_norm, "attn.k_norm")):
+    for path, norm in ((norms.ln1_post, "ln1_post"), (norms.ln2_post, "ln2_post")):
         if path is not None:
             inst.patch_norm(get_module(block, path), hn.norm_prefix(layer, norm))
+    for path, norm in ((norms.q_norm, "attn.q_norm"), (norms.k_norm, "attn.k_norm")):
+        if path is not None:
+            inst.patch_norm(get_module(block, path), hn.norm_prefix(layer, norm), norms.qk_kind)
+    if ff.mid_site is not None:  # SoLU-LN: the activation's output, then its LayerNorm
+        inst.mark_site(block, ff.mid_site, hn.block_hook(layer, "mlp.hook_mid"), 0)
+        inst.patch_norm(get_module(block, ff.act_norm), hn.norm_prefix(layer, "mlp.ln"), "layernorm")
     if ff.experts is not None:
         spec = ff.experts
         mlp = get_module(block, ff.path)

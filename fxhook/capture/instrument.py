@@ -87,10 +87,14 @@ class _Instrumenter:
         else:
             self.mark_input(module, (name,))
 
-    def patch_norm(self, module: nn.Module, prefix: str) -> None:
+    def patch_norm(self, module: nn.Module, prefix: str, kind: str | None = None) -> None:
+        """Compute the norm `module` with its hooks under `prefix` (formula `kind`, default the adapter's;
+        "none": an identity, left as it is, with no hooks)."""
+        kind = kind or self.adapter.norms.kind
+        if kind == "none":
+            return
         eps = norm_eps(module, self.adapter)
         self.norm_eps[prefix] = eps
-        kind = self.adapter.norms.kind
 
         def forward(mod, x):
             return self.tokens.apply(x, lambda h: hooked_norm(h, getattr(mod, "weight", None),
@@ -115,13 +119,8 @@ class _Instrumenter:
             self.handles.append(block.register_forward_pre_hook(self.record_block_input, with_kwargs=True))
             self.mark_output(block, name("hook_resid_post"))
             self.mark_output(get_module(block, a.attn_out_module), name("hook_attn_out"))
-            self.mark_output(get_module(block, a.mlp_out_module), name("hook_mlp_out"))
-            if norms.ln2 is None:
-                self.norm_again_for_mlp(block, i)
-            else:
-                mid = () if a.parallel_attn_mlp else (name("hook_resid_mid"),)
-                self.mark_input(get_module(block, a.mlp_in_module), (*mid, name("hook_mlp_in")))
-                self.patch_norm(get_module(block, norms.ln2), hn.norm_prefix(i, "ln2"))
+            if not a.attn_only:  # attention-only blocks have no MLP half to mark
+                self.install_mlp_half(block, i)
             self.patch_norm(get_module(block, norms.ln1), hn.norm_prefix(i, "ln1"))
             if attn.q_site is not None:
                 self.mark_site(block, attn.q_site, name("attn.hook_q"), self.n_heads)
@@ -132,6 +131,17 @@ class _Instrumenter:
                 if site is not None:
                     self.mark_site(block, site, name(key), 0)
             install_block_extras(self, block, i)
+
+    def install_mlp_half(self, block: nn.Module, i: int) -> None:
+        """hook_mlp_out, and what reads the residual into the MLP: hook_resid_mid, hook_mlp_in, ln2."""
+        a = self.adapter
+        self.mark_output(get_module(block, a.mlp_out_module), hn.block_hook(i, "hook_mlp_out"))
+        if a.norms.ln2 is None:
+            self.norm_again_for_mlp(block, i)
+            return
+        mid = () if a.parallel_attn_mlp else (hn.block_hook(i, "hook_resid_mid"),)
+        self.mark_input(get_module(block, a.mlp_in_module), (*mid, hn.block_hook(i, "hook_mlp_in")))
+        self.patch_norm(get_module(block, a.norms.ln2), hn.norm_prefix(i, "ln2"))
 
     def record_block_input(self, _mod, args, kwargs) -> None:
         """Remember the block's (marked) input: its [b, p], and resid_pre for a re-read norm."""

@@ -194,7 +194,7 @@ class HookPoint(nn.Module):
         """Show hooks `hook_conversion.convert(x)` instead of x, and turn what they return back with
         `hook_conversion.revert(...)` (None switches it off). Applies to forward and backward hooks."""
         if hook_conversion is not None and not (hasattr(hook_conversion, "convert") and hasattr(hook_conversion, "revert")):
-            raise TypeError(f"hook_conversion must have convert() and revert() methods, got {type(hook_conversion).__name__}")
+            raise TypeError(f"a hook_conversion must have convert() and revert() methods, got {type(hook_conversion).__name__}")
         self.hook_conversion = hook_conversion
 
     def remove_entry(self, entry: HookEntry) -> None:

@@ -29,6 +29,8 @@ from fxhook.passes.insert_hook_points import insert_hook_points, prune_hook_poin
 from fxhook.passes.kv_cache import embeds_input, lower_growing_cache, lower_static_cache, ungrouped_sdpa
 from fxhook.passes.lower_attention import attention_modes, lower_attention
 from fxhook.passes.per_head import split_attn_result, split_qkv_input
+from fxhook.passes.placement import Placement, place_on_devices
+from fxhook.passes.resume_from import downstream_nodes, resume_from
 from fxhook.passes.simplify import flat_attributes, simplify
 from fxhook.passes.slice_layers import slice_layers
 from fxhook.pipeline.contracts import ATTENTION, HOOK_POINT, KV_OP, MARKER, Pass, run_passes
@@ -80,9 +82,24 @@ def _only_wanted_points(wanted: frozenset[str]) -> Callable[[fx.GraphModule], st
     return check
 
 
+def _only_downstream_points(starts: frozenset[str]) -> Callable[[fx.GraphModule], str | None]:
+    def check(gm: fx.GraphModule) -> str | None:
+        nodes = hook_point_nodes(gm)
+        kept = downstream_nodes([nodes[name] for name in starts if name in nodes])
+        upstream = [name for name, node in nodes.items() if node not in kept]
+        return f"hook points {upstream[:3]} do not depend on {sorted(starts)}" if upstream else None
+    return check
+
+
+def _placement_pass(placement: Placement, cfg: HookedTransformerConfig, adapter: Adapter) -> Pass:
+    """Split the graph across devices (passes/placement.py); runs last, on any form."""
+    return Pass("place_on_devices", lambda gm: place_on_devices(gm, placement, adapter, cfg.n_layers))
+
+
 def forward_passes(spec: GraphSpec, cfg: HookedTransformerConfig, adapter: Adapter, make_point: MakePoint,
-                   slicing: bool = True) -> list[Pass]:
-    """The passes from a captured graph to the graph `spec` describes."""
+                   slicing: bool = True, placement: Placement | None = None) -> list[Pass]:
+    """The passes from a captured graph to the graph `spec` describes (split across devices last, when the
+    model has a `placement`)."""
     if spec.outputs and spec.live_hooks is None:
         raise ValueError("GraphSpec.outputs needs live_hooks (the points that keep their hooks)")
     passes = [Pass("lower_attention", lambda gm: lower_attention(gm, attention_modes(spec.wanted_hooks)),
@@ -97,6 +114,11 @@ def forward_passes(spec: GraphSpec, cfg: HookedTransformerConfig, adapter: Adapt
         passes.append(Pass("split_attn_result", lambda gm: split_attn_result(gm, adapter, cfg), accepts=_MARKED))
     passes.append(Pass("insert_hook_points", lambda gm: insert_hook_points(gm, make_point), accepts=_MARKED,
                        removes=frozenset({MARKER})))
+    if spec.resume_from:
+        if spec.start_at_layer is not None or spec.stop_at_layer is not None:
+            raise ValueError("GraphSpec.resume_from cannot be combined with start_at_layer / stop_at_layer")
+        passes.append(Pass("resume_from", lambda gm: resume_from(gm, spec.resume_from), accepts=_HOOKED,
+                           ensures=_only_downstream_points(spec.resume_from)))
     if slicing and (spec.start_at_layer is not None or spec.stop_at_layer is not None):
         passes.append(Pass("slice_layers", lambda gm: slice_layers(gm, cfg.n_layers, spec.start_at_layer,
                                                                    spec.stop_at_layer), accepts=_HOOKED))
@@ -107,18 +129,21 @@ def forward_passes(spec: GraphSpec, cfg: HookedTransformerConfig, adapter: Adapt
     if spec.outputs:
         passes.append(Pass("expose_activations", lambda gm: expose_activations(gm, spec.outputs, spec.live_hooks),
                            accepts=_HOOKED, ensures=_only_wanted_points(spec.live_hooks)))
+    if placement is not None:
+        passes.append(_placement_pass(placement, cfg, adapter))
     return passes
 
 
 def build_forward(captured: fx.GraphModule, spec: GraphSpec, cfg: HookedTransformerConfig, adapter: Adapter,
-                  make_point: MakePoint = HookPoint) -> fx.GraphModule:
+                  make_point: MakePoint = HookPoint, placement: Placement | None = None) -> fx.GraphModule:
     """The runnable hooked forward graph for `spec` (the captured graph is copied, never changed).
 
     With spec.live_hooks None: a HookPoint at every contract site, attention materialised everywhere.
     Otherwise only the points in live_hooks stay; attention is fused (SDPA) in every layer whose scores
     or pattern nobody reads; spec.outputs are returned as extra outputs (`expose_activations`).
     """
-    return run_passes(copy_graph_module(captured), forward_passes(spec, cfg, adapter, make_point), "forward graph")
+    return run_passes(copy_graph_module(captured), forward_passes(spec, cfg, adapter, make_point, placement=placement),
+                      "forward graph")
 
 
 # ------------------------------------------------------------------ decode graphs
@@ -142,12 +167,14 @@ def build_decode_step(captured_decode: fx.GraphModule, kind: DecodeKind, capture
 
 
 def decode_passes(spec: GraphSpec, kind: DecodeKind, cfg: HookedTransformerConfig, adapter: Adapter,
-                  make_point: MakePoint) -> list[Pass]:
+                  make_point: MakePoint, placement: Placement | None = None) -> list[Pass]:
     """The passes from a decode step to the hooked decode graph: the forward passes (no layer slicing),
     then simplification, then the runner's form: compiled static graphs keep grouped-query attention
     without copying the cache per head; eager graphs read parameters as flat attributes."""
     passes = forward_passes(spec, cfg, adapter, make_point, slicing=False)
     passes.append(Pass("simplify", simplify))
+    if placement is not None:  # after simplify: its sharing of masks across layers must not cross devices
+        passes.append(_placement_pass(placement, cfg, adapter))
     if kind.static:
         passes.append(Pass("ungrouped_sdpa", ungrouped_sdpa, accepts=frozenset({HOOK_POINT})))
     else:
@@ -156,7 +183,8 @@ def decode_passes(spec: GraphSpec, kind: DecodeKind, cfg: HookedTransformerConfi
 
 
 def build_decode(decode_step: fx.GraphModule, spec: GraphSpec, kind: DecodeKind, cfg: HookedTransformerConfig,
-                 adapter: Adapter, make_point: MakePoint = HookPoint) -> fx.GraphModule:
-    """The hooked decode-step graph for `spec` (no layer slicing)."""
-    return run_passes(copy_graph_module(decode_step), decode_passes(spec, kind, cfg, adapter, make_point),
+                 adapter: Adapter, make_point: MakePoint = HookPoint, placement: Placement | None = None
+                 ) -> fx.GraphModule:
+    """The hooked decode-step graph for `spec` (no layer slicing), split across devices by `placement`."""
+    return run_passes(copy_graph_module(decode_step), decode_passes(spec, kind, cfg, adapter, make_point, placement),
                       "decode graph")

@@ -20,6 +20,7 @@ class GraphSpec:
     stop_at_layer: int | None = None
     live_hooks: frozenset[str] | None = None  # keep only these hook points (None: keep all)
     outputs: frozenset[str] = frozenset()  # activations returned as extra outputs (needs live_hooks)
+    resume_from: frozenset[str] = frozenset()  # hook points the graph starts from (passes/resume_from.py)
 
     @classmethod
     def from_cfg(cls, cfg: HookedTransformerConfig, start: int | None = None, stop: int | None = None,
@@ -31,12 +32,12 @@ class GraphSpec:
     @property
     def wanted_hooks(self) -> frozenset[str] | None:
         """Every hook point this graph must expose (None: all of them)."""
-        return None if self.live_hooks is None else self.live_hooks | self.outputs
+        return None if self.live_hooks is None else self.live_hooks | self.outputs | self.resume_from
 
     @property
     def pruned(self) -> bool:
         """A graph for one hook set (the runtime keeps a bounded number of these)."""
-        return self.live_hooks is not None
+        return self.live_hooks is not None or bool(self.resume_from)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from torch import nn
 
 from fxhook.adapter import Adapter
 from fxhook.config import HookedTransformerConfig
+from fxhook.core import hook_names
 from fxhook.processing import transforms
 from fxhook.processing.weight_dict import bias_homes, ensure_bias, live_weights, untie_unembed
 
@@ -29,14 +30,25 @@ def process_hf_weights(hf_model: nn.Module, adapter: Adapter, cfg: HookedTransfo
                       "norm weight sits on a linear map's input to fold into (TransformerLens skips it too); "
                       "pass fold_ln=False to silence this", stacklevel=3)
         fold_ln = False
+    if adapter.positions.kind == "shortformer" and fold_ln:
+        warnings.warn("fold_ln skipped: shortformer positions are added after ln1, so ln1's weight cannot move "
+                      "into W_Q / W_K without scaling the positions too; pass fold_ln=False to silence this",
+                      stacklevel=3)
+        fold_ln = False
     if fold_ln or center_unembed:
         untie_unembed(hf_model, adapter)
     with torch.no_grad():
         sd = {k: v.detach().clone() for k, v in live_weights(hf_model, adapter, cfg).items()}
+        if fold_ln and adapter.feed_forward.bias_after_gate and any(
+                hook_names.key_of(k) == "ln2.b" and bool(v.ne(0).any()) for k, v in sd.items()):
+            warnings.warn("fold_ln skipped: ln2's bias reaches this gated MLP's up branch inside act(gate) * up, "
+                          "where b_in (added after the product) cannot hold it; pass fold_ln=False to silence "
+                          "this", stacklevel=3)
+            fold_ln = False
         if fold_ln:
             sd = transforms.fold_layer_norm(sd, cfg.n_layers, adapter.norms.kind)
         if center_writing_weights:
-            sd = transforms.center_writing_weights(sd, cfg.n_layers)
+            sd = transforms.center_writing_weights(sd, cfg.n_layers, adapter.positions.kind != "shortformer")
         if center_unembed:
             sd = transforms.center_unembed(sd)
         if fold_value_biases:
@@ -44,7 +56,7 @@ def process_hf_weights(hf_model: nn.Module, adapter: Adapter, cfg: HookedTransfo
         if refactor_factored_attn_matrices:
             sd = transforms.refactor_factored_attn_matrices(sd, cfg.n_layers, cfg.n_heads, adapter.rotary)
         write_weights(hf_model, adapter, cfg, sd)
-    if fold_ln:
+    if fold_ln and adapter.norms.kind != "none":
         cfg.layer_norm_folding = True
         cfg.normalization_type = "LNPre" if layer_norm else "RMSPre"
 

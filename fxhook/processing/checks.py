@@ -43,7 +43,7 @@ def checked_tl_weight(name: str, value: torch.Tensor, known: dict[str, torch.Ten
     if shape is not None and tuple(value.shape) != shape:
         raise ValueError(f"state dict value for {name!r} has shape {tuple(value.shape)}, but this model's is "
                          f"{shape}: shapes must match exactly (nothing is broadcast)")
-    if leaf == "b_in" and cfg.gated_mlp and bool(value.ne(0).any()):
+    if leaf == "b_in" and cfg.gated_mlp and not adapter.feed_forward.bias_after_gate and bool(value.ne(0).any()):
         raise ValueError(f"{name!r} is nonzero: TransformerLens adds a gated MLP's b_in after act(gate) * up, "
                          f"which this HF model cannot represent (its up projection's bias sits inside the "
                          f"product); loading it would change what the model computes")

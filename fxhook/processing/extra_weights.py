@@ -1,7 +1,7 @@
 """TransformerLens-layout views of the block parts beyond the common layout (adapter-driven).
 
 Keys (TransformerLens's names): blocks.L.ln1_post.w / ln2_post.w (post norms), blocks.L.attn.q_norm.w /
-k_norm.w (q/k norms), and for a mixture-of-experts MLP the router as blocks.L.mlp.W_gate
+k_norm.w (q/k norms), blocks.L.mlp.ln.w / b (SoLU-LN's LayerNorm, folded into W_out), and for a mixture-of-experts MLP the router as blocks.L.mlp.W_gate
 [d_model, n_experts] (TransformerLens's MoE names it so) and the experts stacked as
 blocks.L.mlp.experts.W_gate / W_in [n_experts, d_model, d_mlp] and W_out [n_experts, d_mlp, d_model].
 All are views of the HF parameters. fold_ln folds ln2 into the router and the experts; the post
@@ -18,7 +18,8 @@ from fxhook.adapter import Adapter
 def add_extra_weights(out: dict[str, torch.Tensor], block: nn.Module, adapter: Adapter, prefix: str) -> None:
     norms = adapter.norms
     for path, key in ((norms.ln1_post, "ln1_post"), (norms.ln2_post, "ln2_post"),
-                      (norms.q_norm, "attn.q_norm"), (norms.k_norm, "attn.k_norm")):
+                      (norms.q_norm, "attn.q_norm"), (norms.k_norm, "attn.k_norm"),
+                      (adapter.feed_forward.act_norm, "mlp.ln")):
         if path is None:
             continue
         module = block.get_submodule(path)

@@ -46,6 +46,8 @@ def fold_layer_norm(sd: Weights, n_layers: int, norm_kind: str) -> Weights:
         p = block_prefix(layer)
         for norm, readers in _READERS.items():
             _fold_norm(sd, p + norm, [(p + w, p + b) for w, b in readers], norm_kind)
+        if p + "mlp.ln.w" in sd:  # SoLU-LN's LayerNorm (always a LayerNorm) feeds W_out
+            _fold_norm(sd, p + "mlp.ln", [(p + "mlp.W_out", p + "mlp.b_out")], "layernorm")
     _fold_norm(sd, "ln_final", [("unembed.W_U", "unembed.b_U")], norm_kind)
     return sd
 
@@ -55,11 +57,12 @@ def _centre_last(sd: Weights, key: str) -> None:
         sd[key] = sd[key] - sd[key].mean(-1, keepdim=True)
 
 
-def center_writing_weights(sd: Weights, n_layers: int) -> Weights:
+def center_writing_weights(sd: Weights, n_layers: int, pos_in_residual: bool = True) -> Weights:
     """Weights writing to the residual stream get zero mean along d_model (LayerNorm models only:
-    the next LayerNorm removes that mean anyway)."""
+    the next LayerNorm removes that mean anyway). `pos_in_residual` False (shortformer): W_pos is added
+    after the norm, to the query/key inputs, so it is left alone."""
     sd = dict(sd)
-    for key in ("embed.W_E", "pos_embed.W_pos"):
+    for key in ("embed.W_E", "pos_embed.W_pos") if pos_in_residual else ("embed.W_E",):
         _centre_last(sd, key)
     for layer in range(n_layers):
         for key in ("attn.W_O", "attn.b_O", "mlp.W_out", "mlp.b_out"):

@@ -64,7 +64,8 @@ def live_weights(hf_model: nn.Module, adapter: Adapter, cfg: HookedTransformerCo
     for layer, block in enumerate(hf_model.get_submodule(adapter.blocks)):
         p = block_prefix(layer)
         _norm(out, block, norms.ln1, p + "ln1")
-        _norm(out, block, norms.ln2 or norms.ln1, p + "ln2")  # no ln2: the MLP reads ln1 too
+        if not adapter.attn_only:
+            _norm(out, block, norms.ln2 or norms.ln1, p + "ln2")  # no ln2: the MLP reads ln1 too
         _projection(out, block, attn.q_proj, p + "attn.?_Q", read_input_projection, cfg.n_heads, cfg.d_head)
         _projection(out, block, attn.k_proj, p + "attn.?_K", read_input_projection, cfg.n_kv_heads, cfg.d_head)
         _projection(out, block, attn.v_proj, p + "attn.?_V", read_input_projection, cfg.n_kv_heads, cfg.d_head)

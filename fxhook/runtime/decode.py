@@ -80,8 +80,9 @@ class Decoder:
     def init_kv_cache(self, batch_size: int = 1) -> KVCache:
         """An empty KV cache for this model under its current flags."""
         param = self._param()
-        return KVCache.init_cache(self.cfg, param.device, batch_size,
-                                  n_kv_heads=self.kv_heads(GraphSpec.from_cfg(self.cfg)), dtype=param.dtype)
+        return KVCache.init_cache(self.cfg, self.graphs.input_device(), batch_size,
+                                  n_kv_heads=self.kv_heads(GraphSpec.from_cfg(self.cfg)), dtype=param.dtype,
+                                  layer_devices=self.graphs.layer_devices())
 
     def run_growing(self, cache: KVCache, tokens: torch.Tensor, mask: torch.Tensor,
                     embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -104,7 +105,8 @@ class Decoder:
     # ------------------------------------------------------------ the static cache (compiled decode)
     def init_static_kv_cache(self, batch_size: int, max_len: int) -> StaticKVCache:
         param = self._param()
-        return StaticKVCache(self.cfg, batch_size, max_len, self.kv_heads(self.spec()), param.dtype, param.device)
+        return StaticKVCache(self.cfg, batch_size, max_len, self.kv_heads(self.spec()), param.dtype,
+                             self.graphs.input_device(), self.graphs.layer_devices())
 
     def run_static(self, cache: StaticKVCache, tokens: torch.Tensor, mask: torch.Tensor,
                    embeds: torch.Tensor | None = None, compiled: bool = False) -> torch.Tensor:

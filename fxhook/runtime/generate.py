@@ -88,11 +88,12 @@ class Generator:
             raise TypeError(f"generate takes a string, a list of strings, tokens [batch, pos] or embeddings "
                             f"[batch, pos, d_model], got {type(input).__name__}")
         param = next(self.graphs.hf_model.parameters())
-        prompt.mask = prompt.mask.to(param.device)
+        device = self.graphs.input_device()  # the embedding's device (on a split model, the first block's)
+        prompt.mask = prompt.mask.to(device)
         if prompt.tokens is not None:
-            prompt.tokens = prompt.tokens.to(param.device)
+            prompt.tokens = prompt.tokens.to(device)
         if prompt.embeds is not None:
-            prompt.embeds = prompt.embeds.to(param.device, param.dtype)
+            prompt.embeds = prompt.embeds.to(device, param.dtype)
         return prompt
 
     def _warn_unmasked_padding(self, tokens: torch.Tensor, mask: torch.Tensor) -> None:
@@ -211,7 +212,7 @@ class Generator:
         run = self._step_runner(prompt, max_new_tokens, use_past_kv_cache, compiled) if max_new_tokens else None
         new = None
         for step in tqdm.tqdm(range(max_new_tokens), disable=not verbose):
-            final = run(new)
+            final = run(new).to(device)  # a split model's logits come from the last device
             if bool(torch.isnan(final).any()):
                 rows = torch.isnan(final).any(dim=-1).nonzero().flatten().tolist()
                 raise FloatingPointError(f"the logits of new token {step} are NaN (batch rows {rows}): a hook or the "
@@ -265,7 +266,7 @@ class Generator:
                  eos_token_id: int | Sequence[int] | None = None, do_sample: bool = True, top_k: int | None = None,
                  top_p: float | None = None, temperature: float = 1.0, freq_penalty: float = 0.0,
                  use_past_kv_cache: bool = True, prepend_bos: bool | None = None, padding_side: str | None = None,
-                 return_type: str | None = "input", verbose: bool = True,
+                 return_type: str | None = "input", verbose: bool = True, *,
                  generator: torch.Generator | None = None, attention_mask: torch.Tensor | None = None,
                  use_compiled_decode: bool | None = None, **generation_kwargs):
         """Sample up to max_new_tokens tokens after `input` (TransformerLens's generate).
@@ -317,7 +318,7 @@ class Generator:
                         do_sample: bool = True, top_k: int | None = None, top_p: float | None = None,
                         temperature: float = 1.0, freq_penalty: float = 0.0, use_past_kv_cache: bool = True,
                         prepend_bos: bool | None = None, padding_side: str | None = None,
-                        return_type: str | None = "input", verbose: bool = True,
+                        return_type: str | None = "input", verbose: bool = True, *,
                         generator: torch.Generator | None = None, use_compiled_decode: bool | None = None
                         ) -> Iterator:
         """generate, yielding every max_tokens_per_yield tokens: first the input with the first new

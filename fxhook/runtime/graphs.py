@@ -27,6 +27,7 @@ from fxhook.adapter import Adapter, get_module
 from fxhook.config import HookedTransformerConfig
 from fxhook.core.graph import hook_point_nodes
 from fxhook.core.hook_point import HookPoint, call_hooked_points
+from fxhook.passes.placement import Placement, place_tensors_, single, untie_split_embeddings_
 from fxhook.pipeline import DecodeKind, GraphSpec
 
 DEFAULT_MAX_VARIANTS = 16
@@ -61,6 +62,11 @@ def _release_sources(keys: Iterable[str]) -> None:
     for key in keys:
         sources.pop(key, None)
         linecache.cache.pop(key, None)
+
+
+def _resumed(key: tuple) -> bool:
+    """A graph key of a forward resumed from hook points (GraphSpec.resume_from)."""
+    return len(key) > 1 and isinstance(key[1], GraphSpec) and bool(key[1].resume_from)
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,8 @@ class GraphStore:
         self.built = 0  # graphs built since creation (tests and benchmarks read it)
         self._lock = threading.RLock()  # graphs are built and evicted by one thread at a time
         self.compile_options: CompileOptions | None = None  # None: graphs run eagerly
+        self.placement: Placement | None = None  # blocks split across devices (set_placement); None: one device
+        self._gather_depth = 0
 
     # ------------------------------------------------------------------ hook points
     def make_point(self, name: str) -> HookPoint:
@@ -136,7 +144,9 @@ class GraphStore:
         """The captured forward graph (markers, opaque attention), captured once."""
         with self._lock:
             if ungrouped not in self._captured:
-                self._captured[ungrouped] = pipeline.capture_forward(self.hf_model, self.adapter, self.cfg, ungrouped)
+                with self._gathered():
+                    self._captured[ungrouped] = pipeline.capture_forward(self.hf_model, self.adapter, self.cfg,
+                                                                         ungrouped)
             return self._captured[ungrouped]
 
     def decode_step(self, ungrouped: bool, kind: DecodeKind) -> fx.GraphModule:
@@ -144,13 +154,63 @@ class GraphStore:
         with self._lock:
             key = (ungrouped, kind)
             if key not in self._decode_steps:
-                if ungrouped not in self._decode_captured:
-                    self._decode_captured[ungrouped] = pipeline.capture_decode(self.hf_model, self.adapter, self.cfg,
-                                                                               ungrouped)
-                embed = self.embed_tokens if kind.embeds else None
-                self._decode_steps[key] = pipeline.build_decode_step(
-                    self._decode_captured[ungrouped], kind, self.captured(ungrouped), self.cfg, ungrouped, embed)
+                with self._gathered():
+                    self._build_decode_step(key, ungrouped, kind)
             return self._decode_steps[key]
+
+    def _build_decode_step(self, key: tuple, ungrouped: bool, kind: DecodeKind) -> None:
+        if ungrouped not in self._decode_captured:
+            self._decode_captured[ungrouped] = pipeline.capture_decode(self.hf_model, self.adapter, self.cfg,
+                                                                       ungrouped)
+        embed = self.embed_tokens if kind.embeds else None
+        self._decode_steps[key] = pipeline.build_decode_step(
+            self._decode_captured[ungrouped], kind, self.captured(ungrouped), self.cfg, ungrouped, embed)
+
+    # ------------------------------------------------------------------ devices
+    def _placed_modules(self) -> list[nn.Module]:
+        """The HF model and every capture (each holds buffers of its own under `hf.`)."""
+        return [self.hf_model, *self._captured.values(), *self._decode_captured.values()]
+
+    @contextlib.contextmanager
+    def _gathered(self) -> Iterator[None]:
+        """On a split model, the HF model and captures sit on the CPU inside the block: torch.export runs the
+        HF code, which cannot cross devices, and the decode self-check runs unsplit graphs. Afterwards every
+        tensor goes back to its block's device (the Parameter objects stay the same)."""
+        if self.placement is None or self._gather_depth:
+            yield
+            return
+        self._gather_depth += 1
+        try:
+            for module in self._placed_modules():
+                place_tensors_(module, single("cpu", self.cfg.n_layers), self.adapter)
+            yield
+        finally:
+            self._gather_depth -= 1
+            for module in self._placed_modules():
+                place_tensors_(module, self.placement, self.adapter)
+
+    def set_placement(self, placement: Placement | None) -> bool:
+        """Split the model's blocks across devices as `placement` says (None: leave the tensors where they are
+        and stop splitting graphs). Returns whether the forward graph must be captured again (a tied
+        embedding was untied because its two ends sit on different devices)."""
+        with self._lock:
+            untied = placement is not None and untie_split_embeddings_(self.hf_model, placement, self.adapter)
+            self.placement = placement
+            if placement is not None:
+                for module in self._placed_modules():
+                    place_tensors_(module, placement, self.adapter)
+            self.clear(keep_capture=not untied)
+            return untied
+
+    def input_device(self) -> torch.device:
+        """Where tokens, masks and embeddings go in: the embedding's device."""
+        if self.placement is not None:
+            return self.placement.first
+        return next(self.hf_model.parameters()).device
+
+    def layer_devices(self) -> list[torch.device] | None:
+        """Each block's device on a split model (its KV cache lives there); None on one device."""
+        return None if self.placement is None else list(self.placement.blocks)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token embeddings [b, p, d_model] as hook_embed sees them (before positional embeddings)."""
@@ -182,8 +242,12 @@ class GraphStore:
             self._evict()
 
     def _evict(self) -> None:
-        while len(self._recent) > self.max_variants:
-            _release_sources([_source_key(self._recent.popitem(last=False)[1].gm)])
+        # graphs resumed from a hook point (one per patched hook of a sweep) have their own allowance, one
+        # sweep over every layer, so a patching sweep neither evicts the hook sets' graphs nor its own
+        for resumed, limit in ((False, self.max_variants), (True, max(self.max_variants, self.cfg.n_layers + 2))):
+            keys = [key for key in self._recent if _resumed(key) == resumed]
+            for key in keys[:max(0, len(keys) - limit)]:
+                _release_sources([_source_key(self._recent.pop(key).gm)])
 
     def _live_sources(self) -> set[str]:
         graphs = [*self._captured.values(), *self._decode_captured.values(), *self._decode_steps.values(),
@@ -193,13 +257,13 @@ class GraphStore:
     def forward(self, spec: GraphSpec) -> GraphEntry:
         """The hooked forward graph for `spec`."""
         return self._entry(("forward", spec), spec.pruned, lambda: pipeline.build_forward(
-            self.captured(self._ungrouped(spec)), spec, self.cfg, self.adapter, self.make_point))
+            self.captured(self._ungrouped(spec)), spec, self.cfg, self.adapter, self.make_point, self.placement))
 
     def decode(self, spec: GraphSpec, kind: DecodeKind = DecodeKind()) -> GraphEntry:
         """The hooked decode-step graph for `spec` (no layer slicing)."""
         def build() -> fx.GraphModule:
             step = self.decode_step(self._ungrouped(spec), kind)
-            return pipeline.build_decode(step, spec, kind, self.cfg, self.adapter, self.make_point)
+            return pipeline.build_decode(step, spec, kind, self.cfg, self.adapter, self.make_point, self.placement)
         return self._entry(("decode", spec, kind), spec.pruned, build)
 
     def run(self, entry: GraphEntry, *args: torch.Tensor) -> Any:

@@ -7,6 +7,9 @@ stored after rotary, as the attention consumed them (after any hook on
 hook_k / hook_rot_k / hook_v edited them). `attention_mask` [batch, past] is
 1 for real tokens and 0 for padding; positions of new tokens are counted from
 it, so left padding is invisible.
+
+On a model split across devices (passes/placement.py) each layer's keys and values live on that
+layer's device (`layer_devices`); the mask lives with the input, on the embedding's device.
 """
 from __future__ import annotations
 
@@ -25,15 +28,18 @@ class KVCache:
 
     @classmethod
     def init_cache(cls, cfg, device: torch.device | str | None = None, batch_size: int = 1,
-                   n_kv_heads: int | None = None, dtype: torch.dtype | None = None) -> "KVCache":
-        """An empty cache for `cfg` (TransformerLens's name for it)."""
+                   n_kv_heads: int | None = None, dtype: torch.dtype | None = None,
+                   layer_devices: list[torch.device] | None = None) -> "KVCache":
+        """An empty cache for `cfg` (TransformerLens's name for it); `layer_devices`: each layer's device
+        on a split model (else every layer on `device`)."""
         device = device if device is not None else (cfg.device or "cpu")
         dtype = dtype or cfg.dtype
         heads = n_kv_heads or cfg.n_kv_heads
+        where = layer_devices or [device] * cfg.n_layers
 
         def empty() -> list[torch.Tensor]:
-            return [torch.zeros((batch_size, heads, 0, cfg.d_head), dtype=dtype, device=device)
-                    for _ in range(cfg.n_layers)]
+            return [torch.zeros((batch_size, heads, 0, cfg.d_head), dtype=dtype, device=where[layer])
+                    for layer in range(cfg.n_layers)]
         return cls(empty(), empty(), torch.zeros((batch_size, 0), dtype=torch.long, device=device))
 
     # ---------------------------------------------------------------- state
@@ -86,10 +92,11 @@ class StaticKVCache:
     """
 
     def __init__(self, cfg, batch_size: int, max_len: int, n_kv_heads: int, dtype: torch.dtype,
-                 device: torch.device | str):
+                 device: torch.device | str, layer_devices: list[torch.device] | None = None):
         shape = (batch_size, n_kv_heads, max_len, cfg.d_head)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        where = layer_devices or [device] * cfg.n_layers  # a split model: each layer's cache on its device
+        self.keys = [torch.zeros(shape, dtype=dtype, device=where[layer]) for layer in range(cfg.n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=where[layer]) for layer in range(cfg.n_layers)]
         self.attention_mask = torch.zeros((batch_size, max_len), dtype=torch.long, device=device)
         self.length = 0  # slots written so far
         self.warm_graph = None  # the compiled decode graph that last ran on this cache

@@ -47,6 +47,8 @@ import torch
 from torch import nn
 
 from fxhook.config import config_from_hf
+from fxhook.passes.placement import resolve_placement, split_requested
+from fxhook.runtime.saving import load_saved_hf, processing_to_apply, restore_processed_cfg, save_model, saved_info
 
 PROCESSING_FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases",
                     "refactor_factored_attn_matrices")
@@ -312,6 +314,8 @@ def load_hf(model_name_or_path: str, *, dtype: torch.dtype, revision: str | None
 
     name = os.fspath(model_name_or_path)
     found = resolve_offline(name)
+    if found is None and not os.path.exists(name):
+        name = official_hub_name(name)
     is_local = found is not None or os.path.exists(name)
     if found is None:
         found = _local_source(name)
@@ -324,6 +328,10 @@ def load_hf(model_name_or_path: str, *, dtype: torch.dtype, revision: str | None
     if revision is not None and is_local:
         warnings.warn(f"revision={revision!r} is ignored: {name!r} is a local model", stacklevel=4)
         revision = None
+    if is_local and saved_info(source) is not None:  # written by save_pretrained: processed weights, extra biases
+        hf_model = load_saved_hf(source, dtype)
+        tokenizer = _load_tokenizer(source, kwargs, None, trust_remote_code) if load_tokenizer else None
+        return hf_model, tokenizer, canonical_name(name)
     try:
         if "gguf_file" not in kwargs:  # refuse before downloading or allocating weights
             check_config_supported(_load_config(source, kwargs, revision, trust_remote_code), repr(name))
@@ -340,39 +348,73 @@ def load_hf(model_name_or_path: str, *, dtype: torch.dtype, revision: str | None
     return hf_model, tokenizer, canonical_name(name)
 
 
+def official_hub_name(name: str) -> str:
+    """The hub repository a TransformerLens official name or alias stands for ("pythia-70m" ->
+    "EleutherAI/pythia-70m"); other names unchanged. TransformerLens's own checkpoints are refused."""
+    from fxhook.runtime.model_names import is_transformer_lens_native, official_repository
+
+    repository = official_repository(name) or name
+    if is_transformer_lens_native(repository):
+        raise NotImplementedError(
+            f"{name!r} ({repository}) is a checkpoint saved by TransformerLens in its own format, which fxhook "
+            f"does not read yet: build the model with HookedTransformer(cfg) and load its state dict with "
+            f"load_and_process_state_dict")
+    return repository
+
+
 # --------------------------------------------------------------------------- the mixin
 class LoadingMixin:
+    def save_pretrained(self, folder: str | os.PathLike):
+        """Write the model (its weights as processed, the HF config, the processing flags, the tokenizer)
+        to `folder`; `HookedTransformer.from_pretrained(folder)` loads it back without processing again.
+        Returns the folder's Path. See fxhook/runtime/saving.py."""
+        return save_model(self, folder)
+
     @classmethod
-    def from_pretrained(cls, model_name_or_path=None, *, fold_ln: bool = True,
+    def from_pretrained(cls, model_name: str | os.PathLike | None = None, fold_ln: bool = True,
                         center_writing_weights: bool = True, center_unembed: bool = True,
-                        fold_value_biases: bool = True, refactor_factored_attn_matrices: bool = False,
-                        **kwargs):
+                        refactor_factored_attn_matrices: bool = False, checkpoint_index: int | None = None,
+                        checkpoint_value: int | None = None, checkpoint_label: int | None = None,
+                        hf_model: nn.Module | None = None, device: str | torch.device | None = None,
+                        n_devices: int = 1, tokenizer=None, move_to_device: bool = True,
+                        fold_value_biases: bool = True, default_prepend_bos: bool | None = None,
+                        default_padding_side: str | None = None, dtype: torch.dtype | str | None = None,
+                        first_n_layers: int | None = None, n_ctx: int | None = None, **kwargs):
         """Load a HF causal LM (object, short name, folder or hub name) as a processed HookedTransformer.
 
-        As in TransformerLens, the weights are canonicalised by default (fold_ln,
-        center_writing_weights (LayerNorm models only), center_unembed, fold_value_biases):
-        log-probabilities equal the HF model's, activations are TransformerLens's processed
-        ones. Every other argument is as for `from_pretrained_no_processing`.
+        TransformerLens's parameters, in its order. As there, the weights are canonicalised by default
+        (fold_ln, center_writing_weights (LayerNorm models only), center_unembed, fold_value_biases):
+        log-probabilities equal the HF model's, activations are TransformerLens's processed ones. dtype
+        None is float32 when loading, and keeps a passed hf_model's own dtype (TransformerLens converts the
+        caller's model in place). The rest, and the keyword-only options (compile, device_map, revision,
+        trust_remote_code, hf_model_kwargs, HF loading options), are as for `from_pretrained_no_processing`.
         """
         return cls.from_pretrained_no_processing(
-            model_name_or_path, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
-            center_unembed=center_unembed, fold_value_biases=fold_value_biases,
-            refactor_factored_attn_matrices=refactor_factored_attn_matrices, **kwargs)
+            model_name, fold_ln, center_writing_weights, center_unembed, refactor_factored_attn_matrices,
+            fold_value_biases, dtype, default_prepend_bos, default_padding_side, checkpoint_index=checkpoint_index,
+            checkpoint_value=checkpoint_value, checkpoint_label=checkpoint_label, hf_model=hf_model, device=device,
+            n_devices=n_devices, tokenizer=tokenizer, move_to_device=move_to_device, first_n_layers=first_n_layers,
+            n_ctx=n_ctx, **kwargs)
 
     @classmethod
     def from_pretrained_no_processing(
         cls,
-        model_name_or_path: str | os.PathLike | None = None,
+        model_name: str | os.PathLike | None = None,
+        fold_ln: bool = False,
+        center_writing_weights: bool = False,
+        center_unembed: bool = False,
+        refactor_factored_attn_matrices: bool = False,
+        fold_value_biases: bool = False,
+        dtype: torch.dtype | str | None = None,
+        default_prepend_bos: bool | None = None,
+        default_padding_side: str | None = None,
         *,
         hf_model: nn.Module | None = None,
         tokenizer=None,
-        dtype: torch.dtype | str | None = None,
         device: str | torch.device | None = None,
         first_n_layers: int | None = None,
         n_ctx: int | None = None,
-        default_prepend_bos: bool | None = None,
         compile: bool = False,
-        default_padding_side: str | None = "right",
         checkpoint_index: int | None = None,
         checkpoint_value: int | None = None,
         checkpoint_label: int | None = None,
@@ -380,19 +422,15 @@ class LoadingMixin:
         trust_remote_code: bool = False,
         move_to_device: bool = True,
         n_devices: int = 1,
+        device_map: dict | list | None = None,
         hf_model_kwargs: dict | None = None,
-        fold_ln: bool = False,
-        center_writing_weights: bool = False,
-        center_unembed: bool = False,
-        fold_value_biases: bool = False,
-        refactor_factored_attn_matrices: bool = False,
         **from_pretrained_kwargs,
     ):
         """Load a HF causal LM as a HookedTransformer whose logits equal the HF model's.
 
         Args:
-            model_name_or_path: a short name of a packaged model ("smollm2"), a local folder or
-                .gguf file, or a hub name. With hf_model= it is only the model's name.
+            model_name: a short name of a packaged model ("smollm2"), a local folder or .gguf file, or a
+                hub name. With hf_model= it is only the model's name.
             hf_model: a HF causal-LM object to use (in place: its parameters are shared, so a dtype= or
                 device= other than its own converts the caller's model too; pass a copy to keep it).
             tokenizer: the tokenizer; by default loaded from the same place as the model (None
@@ -405,10 +443,16 @@ class LoadingMixin:
             n_ctx: override the context length (tokenisation truncates to it; longer inputs are
                 refused). Absolute-position models cannot go past their position table.
             default_prepend_bos: whether text gets a BOS token prepended (default True).
-            default_padding_side: "right" or "left", the side batches of text are padded on.
+            default_padding_side: "right" or "left", the side batches of text are padded on (None: right).
             compile: run through torch.compile (see `HookedTransformer.compile`).
             checkpoint_index / checkpoint_value (alias checkpoint_label) / revision: which
                 training checkpoint to load from the hub (see the module docstring).
+            n_devices: split the blocks evenly across this many accelerators from `device` on (cuda:0,
+                cuda:1, ...; TransformerLens's assignment), the embedding on the first, the final norm
+                and unembedding on the last.
+            device_map: which blocks run where: {"0-5": "cuda:0", "6-11": "cpu"} (every block once;
+                "unembed": the final norm and unembedding's device, default the last block's) or a list of
+                one device per block. See fxhook/passes/placement.py; `model.to(device)` undoes a split.
             hf_model_kwargs, **from_pretrained_kwargs: passed to the HF from_pretrained
                 (e.g. cache_dir, token, attn_implementation, gguf_file).
             fold_ln, center_writing_weights, center_unembed, fold_value_biases,
@@ -419,8 +463,6 @@ class LoadingMixin:
                           center_unembed=center_unembed, fold_value_biases=fold_value_biases,
                           refactor_factored_attn_matrices=refactor_factored_attn_matrices)
         hf_kwargs = {**(hf_model_kwargs or {}), **from_pretrained_kwargs}
-        if model_name_or_path is None and "model_name" in hf_kwargs:  # TransformerLens's keyword
-            model_name_or_path = hf_kwargs.pop("model_name")
         if "torch_dtype" in hf_kwargs:  # the older HF spelling
             torch_dtype = hf_kwargs.pop("torch_dtype")
             if dtype is not None and resolve_dtype(torch_dtype) != resolve_dtype(dtype):
@@ -431,15 +473,14 @@ class LoadingMixin:
         if asked_quantization:
             raise ValueError(f"quantised loading ({', '.join(asked_quantization)}) is not supported: fxhook "
                              f"needs floating-point weights")
-        if n_devices != 1:
-            raise NotImplementedError("n_devices > 1 (splitting layers across devices) is not supported")
+        split = split_requested(n_devices, device_map, device)  # the blocks go to their devices after capture
         if default_padding_side not in ("left", "right", None):
             raise ValueError(f"default_padding_side must be 'left' or 'right', got {default_padding_side!r}")
         if checkpoint_label is not None:
             if checkpoint_value is not None and checkpoint_value != checkpoint_label:
                 raise ValueError("checkpoint_value and checkpoint_label are aliases: pass one of them")
             checkpoint_value = checkpoint_label
-        name = os.fspath(model_name_or_path) if model_name_or_path is not None else None
+        name = os.fspath(model_name) if model_name is not None else None
         ckpt_revision, checkpoint_value = checkpoint_revision(name, checkpoint_index, checkpoint_value)
         if ckpt_revision is not None:
             if revision is not None and revision != ckpt_revision:
@@ -450,6 +491,9 @@ class LoadingMixin:
             revision = ckpt_revision
 
         owns_model = hf_model is None
+        saved = saved_info(name) if owns_model and name is not None and os.path.isdir(name) else None
+        if saved is not None:  # a folder written by save_pretrained: its weights may be processed already
+            processing = processing_to_apply(saved, processing, repr(name))
         if owns_model:
             if name is None:
                 raise ValueError("from_pretrained needs a model: a short name (e.g. 'smollm2'), a local "
@@ -474,7 +518,7 @@ class LoadingMixin:
         if first_n_layers is not None:
             hf_model = truncate_layers(hf_model, adapter.blocks, first_n_layers, in_place=owns_model)
         if move_to_device and (dtype is not None or device is not None):
-            hf_model.to(device=device, dtype=dtype)
+            hf_model.to(device=None if split else device, dtype=dtype)
 
         cfg = config_from_hf(hf_model.config, adapter, model_name=name or type(hf_model).__name__)
         if n_ctx is not None:
@@ -483,12 +527,20 @@ class LoadingMixin:
         cfg.device, cfg.dtype = str(param.device), param.dtype
         cfg.default_prepend_bos = True if default_prepend_bos is None else bool(default_prepend_bos)
         cfg.default_padding_side = default_padding_side or "right"
+        if saved is not None:
+            restore_processed_cfg(cfg, saved)
         if checkpoint_value is not None:
             cfg.checkpoint_value, cfg.from_checkpoint, cfg.checkpoint_label_type = checkpoint_value, True, "step"
         if revision is not None:
             cfg.extra["revision"] = revision
+        placement = resolve_placement(cfg.n_layers, n_devices, device_map, device) if split else None
         model = cls(cfg, hf_model=hf_model, tokenizer=tokenizer, adapter=adapter,
                     processing=processing if any(processing.values()) else None)
+        if placement is not None:
+            if model.graphs.set_placement(placement):
+                model._recapture()  # a tied embedding was untied: capture the two matrices apart
+            cfg.device = str(placement.first)
+            cfg.n_devices = len(placement.devices)
         return model.compile() if compile else model
 
 

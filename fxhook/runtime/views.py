@@ -20,6 +20,7 @@ a new tensor anyway, and a cached stack would hold a second copy of the weights.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch import nn
@@ -260,10 +261,8 @@ class WeightViewsMixin:
         return self._stack("mlp", "W_in")
 
     @property
-    def W_gate(self) -> torch.Tensor:
-        if not self.cfg.gated_mlp:
-            raise AttributeError("this model's MLP is not gated: no W_gate")
-        return self._stack("mlp", "W_gate")
+    def W_gate(self) -> torch.Tensor | None:  # [n_layers, d_model, d_mlp]; None for an ungated MLP, as in TL
+        return self._stack("mlp", "W_gate") if self.cfg.gated_mlp else None
 
     @property
     def W_out(self) -> torch.Tensor:  # [n_layers, d_mlp, d_model]
@@ -336,4 +335,15 @@ class WeightViewsMixin:
 
     @property
     def n_params_total(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Every parameter in TransformerLens's layout, as TransformerLens counts its own model's: tied
+        embeddings count twice (TL keeps W_U apart) and the biases a HF model lacks count as the zero
+        parameters TransformerLens has (b_Q, b_K, b_V, b_O, b_in, b_out per block, b_U)."""
+        weights = self._current_weights()
+        total = sum(w.numel() for w in weights.values())
+        for group, shapes in _absent_bias_shapes(self.cfg).items():
+            for name, shape in shapes.items():
+                if group == "mlp" and self.cfg.attn_only:
+                    continue
+                absent = sum(block_name(layer, f"{group}.{name}") not in weights for layer in range(self.cfg.n_layers))
+                total += absent * math.prod(shape)
+        return total + (0 if "unembed.b_U" in weights else self.cfg.d_vocab_out)

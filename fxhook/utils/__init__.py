@@ -3,6 +3,12 @@
 from fxhook.analysis.slicing import Slice, SliceInput
 from fxhook.core.hook_names import get_act_name
 from fxhook.utils.activations import apply_softcap, gelu_fast, gelu_new, softcap_enabled, solu
+from fxhook.utils.devices import (ActivationFunction, ModelWithCfg, NonlinearityType, TypedModuleList,
+                                  calculate_available_device_cuda_memory, count_unique_devices,
+                                  determine_available_memory_for_available_devices, find_embedding_device,
+                                  get_best_available_cuda_device, get_best_available_device,
+                                  get_device_for_block_index, get_rotary_pct_from_config, move_to_and_update_config,
+                                  resolve_device_map, sort_devices_based_on_available_memory)
 from fxhook.utils.environment import (LocallyOverridenDefaults, calc_fan_in_and_fan_out, clear_huggingface_cache,
                                       download_file_from_hf, get_device, init_kaiming_normal_, init_kaiming_uniform_,
                                       init_xavier_normal_, init_xavier_uniform_, is_library_available,
@@ -20,6 +26,11 @@ from fxhook.utils.tokenize import (get_attention_mask, get_dataset, get_input_wi
                                    tokenize_and_concatenate)
 
 __all__ = [
+    "ActivationFunction", "ModelWithCfg", "NonlinearityType", "TypedModuleList",
+    "calculate_available_device_cuda_memory", "count_unique_devices", "determine_available_memory_for_available_devices",
+    "find_embedding_device", "get_best_available_cuda_device", "get_best_available_device", "get_device_for_block_index",
+    "get_rotary_pct_from_config", "move_to_and_update_config", "resolve_device_map",
+    "sort_devices_based_on_available_memory",
     "Slice", "SliceInput", "get_act_name", "test_prompt",
     "apply_softcap", "gelu_fast", "gelu_new", "softcap_enabled", "solu",
     "LocallyOverridenDefaults", "calc_fan_in_and_fan_out", "clear_huggingface_cache", "download_file_from_hf",

@@ -9,6 +9,7 @@ import warnings
 from typing import Any, Callable
 
 import torch
+from huggingface_hub.constants import HF_HUB_CACHE
 from torch import nn
 
 
@@ -138,7 +139,7 @@ class LocallyOverridenDefaults:
         self._saved.clear()
 
 
-def download_file_from_hf(repo_name: str, file_name: str, subfolder: str = ".", cache_dir: str | None = None,
+def download_file_from_hf(repo_name: str, file_name: str, subfolder: str = ".", cache_dir: str | None = HF_HUB_CACHE,
                           force_is_torch: bool = False, **kwargs: Any) -> Any:
     """A file of a hub repository through huggingface_hub (from the local cache when offline), read as
     JSON for .json files, with torch.load for .pth/.pt (or force_is_torch), else its local path."""

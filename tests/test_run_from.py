@@ -1,0 +1,99 @@
+"""Resuming the forward from any hook point (`model.run_from`, the `resume_from` pass): with the cached
+values it reproduces the full run's logits and every later hook, padding included; the values it asks
+for are exactly the cut the hook graph gives; bad input fails clearly."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from fxhook import HookedTransformer
+from fxhook.analysis.hook_graph import downstream, resume_inputs
+from fxhook.analysis.resume import required_inputs
+from fxhook.passes.resume_from import RESUME_INPUTS, resume_from
+from models import NO_SHRINK, ModelSpec, build_hf_model, left_padded_batches, model_specs
+from profiles import examples
+
+
+@settings(max_examples=examples(3), phases=NO_SHRINK, deadline=None)
+@given(spec=model_specs().filter(lambda s: s.n_layers <= 2), batch=left_padded_batches(max_batch=2, max_len=7),
+       data=st.data())
+def test_resume_from_any_hook_reproduces_the_run(spec, batch, data):
+    torch.set_num_threads(1)
+    model = HookedTransformer.from_pretrained_no_processing(hf_model=build_hf_model(spec))
+    tokens, mask = batch
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens, attention_mask=mask)
+        graph = model.hook_graph()
+        names = list(graph)
+        for name in names:
+            # the pass's cut, attention materialised everywhere, is the hook graph's
+            assert set(required_inputs(model, frozenset([name]), None)) == resume_inputs(graph, name), name
+        for name in data.draw(st.lists(st.sampled_from(names), min_size=2, max_size=4, unique=True)):
+            later = downstream(graph, name)
+            out, resumed = model.run_from(name, cache, tokens=tokens, attention_mask=mask,
+                                          names_filter=lambda n: True)
+            assert (out - logits).abs().max() <= 1e-5, name
+            assert set(resumed.keys()) == later | {name}, name  # only what depends on it was computed
+            for later_name in resumed.keys():
+                assert torch.allclose(resumed[later_name], cache[later_name], atol=1e-5, equal_nan=True), later_name
+
+
+@pytest.fixture(scope="module")
+def small():
+    model = HookedTransformer.from_pretrained_no_processing(
+        hf_model=build_hf_model(ModelSpec("llama", 2, 4, 2, 8, 40, True, False, 3)))
+    tokens = torch.randint(2, 90, (2, 6), generator=torch.Generator().manual_seed(0))
+    return model, tokens
+
+
+def test_run_from_options_and_hooks(small):
+    model, tokens = small
+    name = "blocks.1.attn.hook_z"
+    with torch.no_grad():
+        loss = model(tokens, return_type="loss")
+        _, cache = model.run_with_cache(tokens, names_filter=list(required_inputs(model, frozenset([name]))))
+        assert torch.allclose(model.run_from(name, cache, tokens=tokens, return_type="loss"), loss, atol=1e-6)
+
+        def zero_head(z, hook):
+            z[:, :, 2] = 0.0
+            return z
+        patched = model.run_with_hooks(tokens, fwd_hooks=[(name, zero_head)])
+        resumed = model.run_from(name, cache, fwd_hooks=[(name, zero_head)])
+    assert torch.allclose(resumed, patched, atol=1e-5)
+    assert not model.live_hooks()  # the call's hooks are gone
+
+
+def test_run_from_errors(small):
+    model, tokens = small
+    name = "blocks.1.hook_resid_mid"
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+    out = "blocks.1.hook_mlp_out"  # is added to resid_mid, which must be given too
+    with pytest.raises(KeyError, match="hook_resid_mid.*names_filter"):
+        model.run_from(out, {out: cache[out]})
+    with pytest.raises(Exception, match="blocks.9"):
+        model.run_from("blocks.9.hook_resid_pre", cache)
+    with pytest.raises(ValueError, match="tokens="):
+        model.run_from(name, cache, return_type="loss")
+    with pytest.raises(ValueError, match=r"\[batch, pos\]"):
+        model.run_from(name, cache, attention_mask=torch.ones(1, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match="batch axis"):
+        model.run_from("blocks.0.hook_resid_pre", {"blocks.0.hook_resid_pre": cache["blocks.0.hook_resid_pre"][0]})
+
+
+def test_resume_from_pass_alone(small):
+    """The pass on the full hooked graph: inputs are the start and the points beside it; the rest is gone."""
+    model, tokens = small
+    gm = model.graph_module
+    from fxhook.core.graph import copy_graph_module, hook_point_nodes
+
+    resumed = resume_from(copy_graph_module(gm), frozenset(["blocks.1.attn.hook_pattern"]))
+    assert set(resumed.meta[RESUME_INPUTS]) == {"blocks.1.attn.hook_pattern", "blocks.1.attn.hook_v",
+                                                "blocks.1.hook_resid_pre"}
+    assert "blocks.0.hook_resid_post" not in hook_point_nodes(resumed)
+    # a start that another start reaches is computed, not fed
+    both = resume_from(copy_graph_module(gm), frozenset(["blocks.0.hook_resid_pre", "blocks.1.attn.hook_q"]))
+    assert both.meta[RESUME_INPUTS] == ("blocks.0.hook_resid_pre",)
+    with pytest.raises(ValueError, match="no such hook point"):
+        resume_from(copy_graph_module(gm), frozenset(["blocks.7.attn.hook_z"]))
