@@ -1,10 +1,11 @@
 """Gemma, Gemma 2, Qwen3, OLMo 2, Mixtral, windowed Mistral and Qwen2 against the HF model and TransformerLens 3.9.
 
 Per family and coverage stratum (models.STRATA fixes layers, GQA/MQA, biases, tying, Gemma 2's window,
-caps and query scale, Mistral's window, Mixtral's experts; hypothesis draws the rest): logits exact to 1e-5 without processing (left padding included), the
-hook set and shapes of the contract plus the family's own hooks (TransformerLens's names), hook values
-read from the HF modules, log-probs to 1e-4 with processing, TransformerLens's activations at every
-shared hook, and greedy generation with the KV cache equal to HF's generate(use_cache=True).
+caps and query scale, Mistral's window, Mixtral's experts; hypothesis draws the rest): logits exact to
+1e-5 without processing (left padding included), the hook set and shapes of the contract plus the
+family's own hooks (TransformerLens's names), hook values read from the HF modules, log-probs to 1e-4
+with processing, TransformerLens's activations at every shared hook, and greedy generation with the KV
+cache equal to HF's generate(use_cache=True).
 """
 from __future__ import annotations
 

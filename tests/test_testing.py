@@ -72,6 +72,27 @@ def test_properties_hold_on_family_models(name):
     drawn()
 
 
+# every other family, on the fixed padded batch only (the drawn examples above cover the machinery)
+MORE_FAMILY_MODELS = {
+    "mistral window": lambda: build_family_model(FamilySpec("mistral", 2, 4, 2, 8, 16, False, False, 21, window=3)),
+    "qwen2": lambda: build_family_model(FamilySpec("qwen2", 2, 4, 2, 8, 16, True, True, 22)),
+    "qwen3 q/k norms": lambda: build_family_model(FamilySpec("qwen3", 2, 4, 2, 8, 16, False, False, 23)),
+    "gemma": lambda: build_family_model(FamilySpec("gemma", 2, 2, 1, 8, 16, False, True, 24)),
+    "olmo2 post-norms": lambda: build_family_model(FamilySpec("olmo2", 2, 4, 2, 8, 16, False, False, 25)),
+    "gptj parallel": lambda: build_hf_model(ModelSpec("gptj", 2, 2, 2, 8, 16, False, False, 26)),
+    "phi parallel": lambda: build_hf_model(ModelSpec("phi", 2, 2, 2, 8, 16, True, False, 27)),
+}
+
+
+@pytest.mark.parametrize("name", list(MORE_FAMILY_MODELS))
+def test_properties_hold_on_every_other_family(name):
+    reference = MORE_FAMILY_MODELS[name]()
+    model = load(reference, False)
+    checks = assert_matches_hf(model, reference, PADDED)
+    checks += assert_hooks_consistent(model, PADDED, hf_model=reference, ablate="blocks.1.hook_mlp_out")
+    assert all(c.difference.holds for c in checks) and len(checks) >= 4
+
+
 def test_generation_matches_hf_on_a_padded_batch():
     reference = build_hf_model(VARIED)  # (test_a_kv_cache_that_drops_a_position_is_caught runs it unprocessed)
     checks = assert_generation_matches(load(reference, True), reference, PADDED, max_new_tokens=4)
