@@ -105,7 +105,9 @@ def test_accumulated_bias_and_residual_directions():
     assert torch.equal(m.tokens_to_residual_directions(5), m.W_U[:, 5])
     dirs = m.tokens_to_residual_directions(torch.tensor([[3, 4]]))
     assert dirs.shape == (1, 2, m.cfg.d_model) and torch.equal(dirs[0, 1], m.W_U[:, 4])
-    assert m.n_params_total == sum(p.numel() for p in m.hf_model.parameters())
+    # n_params_total counts as TransformerLens counts, with the b_U that HF's GPT-2 lacks (untied model here):
+    # checked against TransformerLens itself in test_tl_surface.py
+    assert m.n_params_total == sum(p.numel() for p in m.hf_model.parameters()) + m.cfg.d_vocab_out
 
 
 # --------------------------------------------------------------------------- cached views
