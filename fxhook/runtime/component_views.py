@@ -14,34 +14,20 @@ from typing import Any
 import torch
 
 from fxhook.adapter import get_module
+from fxhook.runtime.views import WeightNamespace
 
 
-class _ComponentView:
+class _ComponentView(WeightNamespace):
     """A named group of weights (by TransformerLens short name) and hook points of one component."""
 
     prefix = ""
 
     def __init__(self, model: Any):
-        self._model = model
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        key = self.prefix + name
-        weights = self._model._current_weights()
-        if key in weights:
-            return weights[key]
-        points = self._model.hook_dict
-        if key in points:
-            return points[key]
-        raise AttributeError(f"{key!r} is neither a weight nor a hook point of this model")
+        super().__init__(model, self.prefix, {})
 
     def parameters(self) -> list[torch.Tensor]:
         """The component's weights (views of the model's parameters)."""
         return [w for key, w in self._model._current_weights().items() if key.startswith(self.prefix)]
-
-    def __repr__(self) -> str:
-        return f"<{self.prefix.rstrip('.')} of {type(self._model).__name__}>"
 
 
 class EmbedView(_ComponentView):

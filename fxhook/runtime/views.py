@@ -43,7 +43,7 @@ def _zeros_like_params(model, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.zeros(shape, dtype=p.dtype, device=p.device)
 
 
-class _Namespace:
+class WeightNamespace:
     """`blocks[L].attn` and friends: weights by short name, hook points by their hook name."""
 
     def __init__(self, model, prefix: str, defaults: dict[str, tuple[int, ...]]):
@@ -67,15 +67,15 @@ class _Namespace:
         return f"<{self._prefix.rstrip('.')} of {type(self._model).__name__}>"
 
 
-class BlockView(_Namespace):
+class BlockView(WeightNamespace):
     def __init__(self, model, layer: int):
         defaults = _absent_bias_shapes(model.cfg)
         super().__init__(model, block_prefix(layer), {})
         self.layer = layer
-        self.attn = _Namespace(model, block_name(layer, "attn."), defaults["attn"])
-        self.mlp = _Namespace(model, block_name(layer, "mlp."), defaults["mlp"])
-        self.ln1 = _Namespace(model, block_name(layer, "ln1."), {})
-        self.ln2 = _Namespace(model, block_name(layer, "ln2."), {})
+        self.attn = WeightNamespace(model, block_name(layer, "attn."), defaults["attn"])
+        self.mlp = WeightNamespace(model, block_name(layer, "mlp."), defaults["mlp"])
+        self.ln1 = WeightNamespace(model, block_name(layer, "ln1."), {})
+        self.ln2 = WeightNamespace(model, block_name(layer, "ln2."), {})
 
 
 @functools.lru_cache(maxsize=256)
