@@ -13,8 +13,8 @@ from torch import nn
 
 from fxhook.model import HookedTransformer
 from fxhook.testing.compare import Difference, Divergence, cache_divergence, difference, first_hf_divergence, \
-    first_run_divergence
-from fxhook.testing.reference import hf_forward, is_processed
+    first_run_divergence, hf_logits_difference
+from fxhook.testing.reference import is_processed
 from fxhook.testing.strategies import TokenBatch
 from fxhook.testing.tolerance import DEFAULT_FACTOR, tolerance
 
@@ -63,12 +63,6 @@ def as_batch(model: HookedTransformer, tokens: Batch, attention_mask: torch.Tens
     return TokenBatch(tokens.long(), mask.long())
 
 
-def compared_logits(logits: torch.Tensor, processed: bool) -> torch.Tensor:
-    """Logits as compared: raw for an unprocessed model, log-probabilities for a processed one
-    (center_unembed shifts each position's logits by a constant)."""
-    return logits.double().log_softmax(-1) if processed else logits
-
-
 def assert_matches_hf(model: HookedTransformer, hf_model: nn.Module, tokens: Batch,
                       attention_mask: torch.Tensor | None = None, *, processed: bool | None = None,
                       factor: float = DEFAULT_FACTOR) -> list[Check]:
@@ -77,12 +71,10 @@ def assert_matches_hf(model: HookedTransformer, hf_model: nn.Module, tokens: Bat
     processed: None works it out by comparing the two models' embedding and unembedding weights."""
     batch = as_batch(model, tokens, attention_mask)
     processed = is_processed(model, hf_model) if processed is None else processed
-    expected = hf_forward(hf_model, batch.tokens, batch.attention_mask)
     with torch.no_grad():
         actual = model(batch.tokens, attention_mask=batch.attention_mask)
     what = "log-probabilities" if processed else "logits"
-    found = difference(compared_logits(actual, processed), compared_logits(expected, processed), model.cfg.n_layers,
-                       model.cfg.dtype, batch.attention_mask, factor=factor)
+    found = hf_logits_difference(model, hf_model, actual, batch.tokens, batch.attention_mask, processed, factor)
     if not found.holds:
         raise PropertyFailure("matches_hf", f"{what} differ from the HF model's by {found}", batch, found.worst,
                               first_hf_divergence(model, hf_model, batch.tokens, batch.attention_mask, processed,

@@ -17,9 +17,9 @@ from torch import nn
 from fxhook.adapter import get_module
 from fxhook.core.hook_names import block_hook
 from fxhook.model import HookedTransformer
-from fxhook.testing.assertions import Batch, Check, PropertyFailure, as_batch, compared_logits
-from fxhook.testing.compare import Difference, Divergence, difference, first_hf_divergence, zeroed
-from fxhook.testing.reference import hf_forward, hf_sites, is_processed, recording
+from fxhook.testing.assertions import Batch, Check, PropertyFailure, as_batch
+from fxhook.testing.compare import Difference, Divergence, difference, first_hf_divergence, hf_logits_difference, zeroed
+from fxhook.testing.reference import hf_sites, is_processed
 from fxhook.testing.tolerance import DEFAULT_FACTOR, tolerance
 
 PROPERTY = "hooks_consistent"
@@ -143,13 +143,11 @@ def check_ablation(model: HookedTransformer, hf_model: nn.Module, batch, ablate:
     if site is None:
         raise ValueError(f"ablate must be a block's hook_attn_out or hook_mlp_out, got {ablate!r}")
     mask = batch.attention_mask
-    with recording(hf_model, [], {site.module: zeroed}):
-        expected = hf_forward(hf_model, batch.tokens, mask)
     with torch.no_grad():
         actual = model.run_with_hooks(batch.tokens, attention_mask=mask,
                                       fwd_hooks=[(ablate, lambda x, hook: torch.zeros_like(x))])
-    found = difference(compared_logits(actual, processed), compared_logits(expected, processed), model.cfg.n_layers,
-                       model.cfg.dtype, mask, factor=factor)
+    found = hf_logits_difference(model, hf_model, actual, batch.tokens, mask, processed, factor,
+                                 edits={site.module: zeroed})
     if not found.holds:
         raise PropertyFailure(PROPERTY, f"zeroing {ablate} does not match zeroing HF's {site.module}: {found}",
                               batch, found.worst, first_hf_divergence(model, hf_model, batch.tokens, mask,

@@ -9,6 +9,8 @@ are compared after centring both sides over d_model, which every processing step
 from __future__ import annotations
 
 import contextlib
+import copy
+import os
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -91,6 +93,34 @@ def hf_forward(hf_model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor) ->
     with torch.no_grad():
         return hf_model(input_ids=tokens, attention_mask=mask, position_ids=positions_for(mask),
                         use_cache=False).logits
+
+
+def _free_bytes(device: torch.device) -> int:
+    """Memory a float64 copy may take on `device`: a quarter of the host's RAM, or half the GPU's free memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): assume 8 GiB may be used
+        return 8 << 30
+
+
+def float64_forward(hf_model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor,
+                    edits: dict[str, Callable] | None = None) -> torch.Tensor | None:
+    """hf_model's logits [b, p, vocab] computed in float64 (a temporary copy, with the same `edits`): the
+    nearly exact values the model's own dtype rounds. None when the copy would not fit in memory."""
+    params = list(hf_model.parameters()) + list(hf_model.buffers())
+    if not params:
+        return None
+    device = params[0].device
+    if 8 * sum(t.numel() for t in params) > _free_bytes(device):
+        return None
+    exact = copy.deepcopy(hf_model).to(torch.float64)
+    try:
+        with recording(exact, [], edits):
+            return hf_forward(exact, tokens, mask)
+    finally:
+        del exact
 
 
 def is_processed(model: HookedTransformer, hf_model: nn.Module) -> bool:
