@@ -14,6 +14,8 @@ def _positions(config) -> Positions:
     kind = config.positional_embedding_type
     if kind == "rotary":
         return Positions("rotary", rotary_adjacent_pairs=bool(config.rotary_adjacent_pairs))
+    if kind == "alibi":  # a bias on the attention scores (fxhook's attention op): no position table
+        return Positions("alibi")
     return Positions("absolute" if kind == "standard" else "shortformer", pos_embed="pos_embed")
 
 

@@ -30,7 +30,8 @@ def get_module(root: nn.Module, path: str) -> nn.Module:
 # "none": no normalisation (TransformerLens's normalization_type=None): the norm modules are identities, unhooked
 NormKind = Literal["layernorm", "rmsnorm", "rmsnorm_plus_one", "none"]
 # "shortformer": a learned position table added to the query and key inputs only, not to the residual stream
-PositionalKind = Literal["absolute", "rotary", "shortformer"]
+# "alibi": a per-head bias on the attention scores, no position table (fxhook's native TransformerLens model)
+PositionalKind = Literal["absolute", "rotary", "shortformer", "alibi"]
 
 
 @dataclass(frozen=True)
@@ -275,9 +276,9 @@ def adapter_problems(a: Adapter) -> list[str]:
     # positions
     if pos.kind not in POSITIONAL_KINDS:
         out.append(f"positions.kind is {pos.kind!r} (expected one of {POSITIONAL_KINDS})")
-    elif pos.rotary and pos.pos_embed is not None:
-        out.append(f"rotary positions take no learned position table, but pos_embed={pos.pos_embed!r}")
-    elif not pos.rotary and pos.pos_embed is None:
+    elif pos.kind in ("rotary", "alibi") and pos.pos_embed is not None:
+        out.append(f"{pos.kind} positions take no learned position table, but pos_embed={pos.pos_embed!r}")
+    elif pos.kind not in ("rotary", "alibi") and pos.pos_embed is None:
         out.append(f"{pos.kind} positions need pos_embed (the learned position table)")
     if pos.pos_embed_offset < 0 or (pos.pos_embed_offset and pos.pos_embed is None):
         out.append(f"pos_embed_offset={pos.pos_embed_offset} needs a position table and must be >= 0")

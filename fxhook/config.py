@@ -11,7 +11,7 @@ import torch
 from fxhook.adapter import Adapter
 
 _NORM_TYPE = {"layernorm": "LN", "rmsnorm": "RMS", "rmsnorm_plus_one": "RMS", "none": None}
-_POS_TYPE = {"absolute": "standard", "rotary": "rotary", "shortformer": "shortformer"}
+_POS_TYPE = {"absolute": "standard", "rotary": "rotary", "shortformer": "shortformer", "alibi": "alibi"}
 
 
 @dataclass

@@ -2,17 +2,15 @@
 
 The TransformerLens-style config picks the model that computes what it describes:
 - GPT-2-like configs (LayerNorm, learned absolute positions, plain MLP, sequential blocks, full multi-head
-  attention with d_model == n_heads * d_head) are built as HF's GPT2LMHeadModel, and Llama-like ones (RMSNorm,
-  full rotary on halves, gated MLP, sequential blocks) as HF's LlamaForCausalLM, as before: they keep the HF
-  classes researchers know and compute TransformerLens's function exactly, with one limit: HF's Llama adds a
-  gated MLP's b_in inside the gate product (TransformerLens after it), so loading a TransformerLens state
-  dict with a nonzero gated b_in into it is refused (fxhook/processing/checks.py) rather than computed wrongly;
-- every other config in TransformerLens's space is built as fxhook's native TransformerLens model
-  (fxhook/native/: LN / LNPre / RMS / RMSPre / no norm, standard / rotary / shortformer positions,
-  attn_only, SoLU-LN, gated, parallel, grouped-query, local attention, q/k norms, attention scale,
-  d_vocab_out), with TransformerLens's own b_in placement.
+  attention with d_model == n_heads * d_head) are built as HF's GPT2LMHeadModel, the HF class researchers
+  know, which computes TransformerLens's function exactly;
+- every other config in TransformerLens's space, Llama-like ones included, is built as fxhook's native
+  TransformerLens model (fxhook/native/: LN / LNPre / RMS / RMSPre / no norm, standard / rotary /
+  shortformer / ALiBi positions, attn_only, SoLU-LN, gated, parallel, grouped-query, local attention, q/k
+  norms, attention scale, d_vocab_out), with TransformerLens's own b_in placement (after a gated MLP's
+  product, where HF's Llama adds it inside), so any TransformerLens state dict loads into it.
 Either model is then captured like any other, so the hooks, weight views and graph passes are the ordinary
-ones. What neither can honour (ALiBi, soft caps, attention sinks, rotary scaling schemes, ...) is refused
+ones. What neither can honour (soft caps, attention sinks, rotary scaling schemes, ...) is refused
 with the option named.
 
 Initialisation follows TransformerLens 3.9 (`HookedTransformer.init_weights`):
@@ -49,7 +47,7 @@ _REFUSED_ACTIVATIONS = {"xielu": "TransformerLens's xielu is fixed, HF's has tra
 _SOFTCAP_OFF = object()
 _OFF_VALUES: dict[str, Any] = {
     "clip_qkv": None, "use_logn_attn": False, "use_dynamic_ntk_rope": False, "attention_dir": "causal",
-    "scale_attn_by_inverse_layer_idx": False, "use_hook_tokens": False, "post_embedding_ln": False,
+    "scale_attn_by_inverse_layer_idx": False, "post_embedding_ln": False,
     "rotary_base_local": None, "rotary_scaling_factor": 1.0, "load_in_4bit": False, "num_experts": None,
     "relative_attention_max_distance": None, "relative_attention_num_buckets": None,
     "use_normalization_before_and_after": False, "attn_scores_soft_cap": _SOFTCAP_OFF,
@@ -65,7 +63,7 @@ _INERT = {
     "yarn_truncate", "yarn_global_attn_only", "use_local_attn", "window_size", "attn_types", "use_attn_scale",
     "attn_scale", "use_qk_norm",
 }
-_NATIVE_POSITIONS = ("standard", "rotary", "shortformer")
+_NATIVE_POSITIONS = ("standard", "rotary", "shortformer", "alibi")
 _NATIVE_NORMS = ("LN", "LNPre", "RMS", "RMSPre", None)
 
 
@@ -119,8 +117,8 @@ def _local_attention(cfg: HookedTransformerConfig) -> tuple[list[str] | None, in
 
 
 def _family(cfg: HookedTransformerConfig) -> str:
-    """"gpt2" / "llama" (built as that HF model) or "native" (fxhook's TransformerLens model); refuses what
-    none of them computes."""
+    """"gpt2" (built as HF's GPT-2) or "native" (fxhook's TransformerLens model); refuses what neither
+    computes."""
     problems = _unsupported_options(cfg)
     act = cfg.act_fn if cfg.act_fn is not None else "relu"
     if not cfg.attn_only:
@@ -131,7 +129,7 @@ def _family(cfg: HookedTransformerConfig) -> str:
                              f"{sorted(_NATIVE_ACTIVATIONS)}")
     if cfg.positional_embedding_type not in _NATIVE_POSITIONS:
         problems.append(f"positional_embedding_type={cfg.positional_embedding_type!r} (supported: "
-                        f"{_NATIVE_POSITIONS}; ALiBi would need a per-head score bias in fxhook's attention op)")
+                        f"{_NATIVE_POSITIONS})")
     if cfg.normalization_type not in _NATIVE_NORMS:
         raise ValueError(f"normalization_type={cfg.normalization_type!r} is not one of TransformerLens's {_NATIVE_NORMS}")
     if cfg.final_rms and cfg.normalization_type not in ("RMS", "RMSPre"):
@@ -153,44 +151,27 @@ def _family(cfg: HookedTransformerConfig) -> str:
                  and act in _ACTIVATIONS and cfg.n_kv_heads == cfg.n_heads and cfg.d_vocab_out == cfg.d_vocab
                  and cfg.n_heads * cfg.d_head == cfg.d_model and _local_attention(cfg) == (None, None)
                  and not _option(cfg, "use_qk_norm", False) and math.isclose(_attn_scale(cfg), math.sqrt(cfg.d_head)))
-    llama_like = (cfg.normalization_type == "RMS" and cfg.positional_embedding_type == "rotary" and cfg.gated_mlp
-                  and not (cfg.parallel_attn_mlp or cfg.attn_only or cfg.rotary_adjacent_pairs)
-                  and act in _ACTIVATIONS and cfg.d_vocab_out == cfg.d_vocab and cfg.rotary_dim in (None, cfg.d_head)
-                  and _local_attention(cfg) == (None, None) and not _option(cfg, "use_qk_norm", False)
-                  and math.isclose(_attn_scale(cfg), math.sqrt(cfg.d_head)))
-    return "gpt2" if gpt2_like else "llama" if llama_like else "native"
+    return "gpt2" if gpt2_like else "native"
 
 
 # ------------------------------------------------------------ the HF model
-def hf_model_from_config(cfg: HookedTransformerConfig | Mapping[str, Any], *, bias: bool = True) -> nn.Module:
+def hf_model_from_config(cfg: HookedTransformerConfig | Mapping[str, Any]) -> nn.Module:
     """The model (fp32, CPU, eval mode, its own initialisation) computing `cfg`'s architecture.
 
-    GPT-2 for GPT-2-like configs, Llama for Llama-like ones, fxhook's native TransformerLens model
-    (fxhook/native/) for the rest; dropout is off: TransformerLens has none. `bias` (Llama only): give attention
-    and MLP projections biases, as TransformerLens's components have (the native model always has them).
+    GPT-2 for GPT-2-like configs, fxhook's native TransformerLens model (fxhook/native/) for the rest;
+    dropout is off: TransformerLens has none.
     """
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = as_hooked_config(cfg)
-    family = _family(cfg)
-    if family == "native":
+    if _family(cfg) == "native":
         return native_model_from_config(cfg)
-    special = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)  # no tokenizer behind it
-    act = _ACTIVATIONS[cfg.act_fn or "relu"]
-    if family == "llama":
-        config = LlamaConfig(
-            hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-            num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.d_head, intermediate_size=cfg.d_mlp,
-            max_position_embeddings=cfg.n_ctx, vocab_size=cfg.d_vocab, hidden_act=act, rms_norm_eps=cfg.eps,
-            rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rotary_base)},
-            tie_word_embeddings=cfg.tie_word_embeddings, attention_bias=bias, mlp_bias=bias,
-            attention_dropout=0.0, **special)
-        return LlamaForCausalLM(config).eval()
     config = GPT2Config(
         n_layer=cfg.n_layers, n_embd=cfg.d_model, n_head=cfg.n_heads, n_inner=cfg.d_mlp,
-        n_positions=cfg.n_ctx, vocab_size=cfg.d_vocab, activation_function=act,
+        n_positions=cfg.n_ctx, vocab_size=cfg.d_vocab, activation_function=_ACTIVATIONS[cfg.act_fn or "relu"],
         layer_norm_epsilon=cfg.eps, tie_word_embeddings=cfg.tie_word_embeddings,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **special)
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None)  # no tokenizer behind it
     return GPT2LMHeadModel(config).eval()
 
 
@@ -207,7 +188,7 @@ def native_model_from_config(cfg: HookedTransformerConfig) -> nn.Module:
         rotary_base=float(cfg.rotary_base), rotary_adjacent_pairs=cfg.rotary_adjacent_pairs,
         gated_mlp=cfg.gated_mlp, parallel_attn_mlp=cfg.parallel_attn_mlp, attn_only=cfg.attn_only,
         attn_types=attn_types, window_size=window_size, use_qk_norm=bool(_option(cfg, "use_qk_norm", False)),
-        attn_scale=_attn_scale(cfg), final_rms=cfg.final_rms)
+        attn_scale=_attn_scale(cfg), final_rms=cfg.final_rms, tie_word_embeddings=cfg.tie_word_embeddings)
     return TLNativeForCausalLM(config).eval()
 
 

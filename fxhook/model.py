@@ -190,6 +190,8 @@ class HookedTransformer(LoadingMixin, WeightViewsMixin, ComponentViewsMixin, Len
         for key, value in state_dict.items():
             if key.endswith(ignored):
                 continue
+            if key == "pos_embed.W_pos" and self.cfg.positional_embedding_type == "alibi":
+                continue  # TransformerLens keeps a position table on ALiBi models and never reads it
             name = key.replace("._W_", ".W_").replace("._b_", ".b_")
             weights[name] = checked_tl_weight(name, value, known, self.hf_model, self.adapter, self.cfg)
         with all_or_nothing([self.hf_model], self.cfg, self._recapture):
@@ -230,15 +232,17 @@ class HookedTransformer(LoadingMixin, WeightViewsMixin, ComponentViewsMixin, Len
         return self.graphs.compile_options
 
     def compile(self, enabled: bool = True, *, backend: str = "inductor", mode: str | None = None,
-                dynamic: bool = True) -> "HookedTransformer":  # type: ignore[override]
+                dynamic: bool = True, regional: bool = True) -> "HookedTransformer":  # type: ignore[override]
         """Run forward, run_with_cache, run_with_hooks (and generation) through torch.compile.
 
-        Each hook set compiles once, on its first call (tens of seconds on a CPU for a small model),
-        then runs from the compiled code: with dynamic=True, new batch sizes and lengths do not
-        recompile (batch size 1 is compiled apart, as torch specialises it). `compile(False)` turns
-        compilation off again. `backend` and `mode` are torch.compile's. Returns the model.
+        Each hook set compiles once, on its first call; with dynamic=True new batch sizes and lengths do
+        not recompile (batch size 1 is compiled apart). `regional` (default): the blocks share one compiled
+        code (runtime/regional.py) and a new hook set compiles only the blocks it cuts at a hooked point;
+        `False` compiles each graph whole. `compile(False)` turns it off; `backend`, `mode` are torch's.
         """
-        self.graphs.compile_options = CompileOptions(backend, mode, dynamic) if enabled else None
+        if not isinstance(regional, bool):
+            raise TypeError(f"regional must be True or False, got {regional!r}")
+        self.graphs.compile_options = CompileOptions(backend, mode, dynamic, regional) if enabled else None
         return self
 
     def init_kv_cache(self, batch_size: int = 1) -> KVCache:

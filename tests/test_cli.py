@@ -88,7 +88,7 @@ def test_hooks_lists_names_shapes_and_meanings(folder, capsys):
     model = HookedTransformer.from_pretrained(folder, device="cpu")
     with torch.no_grad():
         _, cache = model.run_with_cache(PROMPT)
-    rows = re.finditer(r"^((?:blocks\.|ln_final\.|hook_)\S*)\s+(\d+(?:x\d+)*)\s", out, flags=re.M)
+    rows = re.finditer(r"^((?:blocks\.|ln_final\.|unembed\.|hook_)\S*)\s+(\d+(?:x\d+)*)\s", out, flags=re.M)
     listed = {m.group(1): m.group(2) for m in rows}
     expected = {n for n in model.hook_dict if not n.startswith("blocks.1.")}
     assert set(listed) == expected

@@ -141,7 +141,7 @@ def test_new_lengths_and_batch_sizes_do_not_recompile():
         for batch, length in [(2, 4), (3, 6), (2, 9), (4, 5)]:
             tokens = torch.randint(2, 90, (batch, length))
             assert_close(model(tokens), model.hf_model(tokens).logits, **TOL)
-    assert backend.graphs == 1
+    assert backend.graphs == 3  # compiled by region (the embedding side, the block, the final side), once each
 
 
 def test_stop_at_layer_compiled_runs_only_the_layers_before():

@@ -20,7 +20,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from fxhook import HookedTransformer
 from fxhook.utils import get_act_name
-from models import NO_SHRINK, ModelSpec, build_hf_model, left_padded_example, model_specs, positions_for, \
+from models import NO_SHRINK, VOCAB, ModelSpec, build_hf_model, left_padded_example, model_specs, positions_for, \
     stratum_example, token_batches
 from profiles import examples
 
@@ -64,7 +64,8 @@ def expected_hook_shapes(spec: ModelSpec, batch: int, pos: int) -> dict[str, tup
     """The contract table (design.md) for this config."""
     b, p, d = batch, pos, spec.d_model
     h, kv, dh, m = spec.n_heads, spec.n_kv_heads, spec.d_head, spec.d_mlp
-    shapes = {"hook_embed": (b, p, d), "ln_final.hook_scale": (b, p, 1), "ln_final.hook_normalized": (b, p, d)}
+    shapes = {"hook_embed": (b, p, d), "ln_final.hook_scale": (b, p, 1), "ln_final.hook_normalized": (b, p, d),
+              "unembed.hook_in": (b, p, d), "unembed.hook_out": (b, p, VOCAB)}
     if spec.family == "gpt2":
         shapes["hook_pos_embed"] = (b, p, d)
     for layer in range(spec.n_layers):

@@ -396,3 +396,15 @@ def _distinct(S: torch.Tensor) -> bool:
     """Singular vectors are only unique (up to sign) for well-separated singular values."""
     gaps = (S[..., :-1] - S[..., 1:]).abs()
     return bool((gaps > 1e-3 * S.max().clamp(min=1)).all()) and bool((S > 1e-6).all())
+
+
+def test_the_package_exports_the_class_as_transformer_lens_does():
+    """`from transformer_lens import FactoredMatrix` gives the class; a notebook switched to fxhook needs the same."""
+    import transformer_lens
+
+    import fxhook
+
+    assert isinstance(transformer_lens.FactoredMatrix, type)
+    assert fxhook.FactoredMatrix is FactoredMatrix
+    a, b = torch.randn(5, 3), torch.randn(3, 4)
+    torch.testing.assert_close(fxhook.FactoredMatrix(a, b).AB, transformer_lens.FactoredMatrix(a, b).AB)

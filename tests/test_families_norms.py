@@ -59,7 +59,8 @@ def built(spec: FamilySpec) -> tuple[torch.nn.Module, HookedTransformer]:
 def expected_hook_shapes(spec: FamilySpec, b: int, p: int) -> dict[str, tuple[int, ...]]:
     """The contract table (design.md) plus each family's extra hooks, named as TransformerLens names them."""
     d, h, kv, dh, m = spec.d_model, spec.n_heads, spec.n_kv_heads, spec.d_head, spec.d_mlp
-    shapes = {"hook_embed": (b, p, d), "ln_final.hook_scale": (b, p, 1), "ln_final.hook_normalized": (b, p, d)}
+    shapes = {"hook_embed": (b, p, d), "ln_final.hook_scale": (b, p, 1), "ln_final.hook_normalized": (b, p, d),
+              "unembed.hook_in": (b, p, d), "unembed.hook_out": (b, p, VOCAB)}
     for layer in range(spec.n_layers):
         x = f"blocks.{layer}."
         norms = ["ln1", "ln2"] + (["ln1_post", "ln2_post"] if spec.family == "gemma2" else [])

@@ -54,7 +54,8 @@ def expected_hook_shapes(spec: ModelSpec, b: int, p: int) -> dict[str, tuple[int
     """The contract (design.md) for this family: no resid_mid in parallel blocks, rot_q/rot_k with
     rotary, hook_pos_embed with learned positions; no gated MLP in these families."""
     d, h, kv, dh, m = spec.d_model, spec.n_heads, spec.n_kv_heads, spec.d_head, spec.d_mlp
-    shapes = {"hook_embed": (b, p, d), "ln_final.hook_scale": (b, p, 1), "ln_final.hook_normalized": (b, p, d)}
+    shapes = {"hook_embed": (b, p, d), "ln_final.hook_scale": (b, p, 1), "ln_final.hook_normalized": (b, p, d),
+              "unembed.hook_in": (b, p, d), "unembed.hook_out": (b, p, VOCAB)}
     if spec.family == "opt":
         shapes["hook_pos_embed"] = (b, p, d)
     for layer in range(spec.n_layers):

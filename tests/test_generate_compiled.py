@@ -1,10 +1,12 @@
 """Compiled decode: each new token runs a torch.compile'd graph over a static preallocated KV cache.
 
 Compiling costs tens of seconds on a 2-core CPU, so this file compiles as little as it can: one
-model, the unhooked decode graph once, the steered one once, and checks everything else against
-those. The unhooked step is compiled by inductor without dynamo (runtime/precompiled.py), counted
-by `precompiled.stats`; hooked steps go through torch.compile, and dynamo's recompile error
-(`error_on_recompile`) proves that new hook functions at the same point reuse the compiled code.
+model, the unhooked decode graph once (in the prompt's padded shape and the token step's), the
+steered one once, and checks everything else against those. The unhooked graph is compiled by
+inductor without dynamo (runtime/precompiled.py), counted by `precompiled.stats`; hooked steps go
+through torch.compile, and dynamo's recompile error (`error_on_recompile`) proves that new hook
+functions at the same point reuse the compiled code. Batch sizes, long prompts and sampling:
+tests/test_batched_decode.py.
 """
 from __future__ import annotations
 
@@ -35,16 +37,19 @@ def test_compiled_decode_equals_eager_and_hf_without_recompiling(llama):
     assert eager.tolist() == hf_greedy(hf, tokens, mask, 8).tolist()
     before = precompiled.stats["compiled"]
     assert greedy(model, tokens, mask, 8, use_compiled_decode=True).tolist() == eager.tolist()
-    # one compiled step for every token, straight from inductor: no dynamo graph at all without hooks
-    assert precompiled.stats["compiled"] == before + 1
+    # the prompt (padded to 8 positions) and one step for every token, compiled straight from inductor:
+    # no dynamo graph at all without hooks
+    assert precompiled.stats["compiled"] == before + 2
     graphs = compiled_graphs()
     assert graphs == 0
-    # another prompt length and more new tokens: the same static shapes (the cache bucket), no recompile
-    other, other_mask = padded_batch(22, lengths=(3, 9))
+    # another prompt length and more new tokens: the same static shapes (the prompt's padded shape, the
+    # cache bucket), no recompile
+    other, other_mask = padded_batch(22, lengths=(3, 8))
     with torch._dynamo.config.patch(error_on_recompile=True):
         out = greedy(model, other, other_mask, 12, use_compiled_decode=True)
         assert out.tolist() == greedy(model, other, other_mask, 12).tolist()
-        # embeddings input: prefill from the embeddings (eager), then the same compiled token step
+        assert precompiled.stats["compiled"] == before + 2
+        # embeddings input: the prompt from the embeddings (its own compiled graph), then the same token step
         new = greedy(model, model.W_E[tokens], mask, 8, use_compiled_decode=True, return_type="tokens")
         assert new.tolist() == eager[:, tokens.shape[1]:].tolist()
         # output_logits: the compiled steps' logits equal the eager ones
@@ -57,7 +62,7 @@ def test_compiled_decode_equals_eager_and_hf_without_recompiling(llama):
             assert greedy(model, tokens, mask, 8).tolist() == eager.tolist()
         finally:
             model.compile(False)
-    assert compiled_graphs() == graphs and precompiled.stats["compiled"] == before + 1
+    assert compiled_graphs() == graphs and precompiled.stats["compiled"] == before + 3
 
 
 def test_compiled_decode_reads_weights_edited_in_place(llama):

@@ -59,7 +59,8 @@ def test_labels_downstream_cut_and_picture(tmp_path):
     assert path["blocks.0.hook_attn_out", "blocks.0.hook_resid_mid"] == "residual"
     assert path["blocks.0.mlp.hook_post", "blocks.0.hook_mlp_out"] == "mlp"
     later = downstream(graph, "blocks.1.hook_mlp_out")
-    assert later == {"blocks.1.hook_resid_post", "ln_final.hook_scale", "ln_final.hook_normalized"}
+    assert later == {"blocks.1.hook_resid_post", "ln_final.hook_scale", "ln_final.hook_normalized",
+                     "unembed.hook_in", "unembed.hook_out"}
     # patching a head's output needs the residual stream it is added to, nothing before the block
     assert resume_inputs(graph, "blocks.1.attn.hook_z") == {"blocks.1.attn.hook_z", "blocks.1.hook_resid_pre"}
     out = tmp_path / "graph.png"

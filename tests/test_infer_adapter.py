@@ -249,7 +249,8 @@ def test_inferred_adapter_equals_the_models_own_forward(style, batch, seed):
         per_layer.update({"hook_resid_mid": (b, p, d), "attn.hook_rot_q": (b, p, h, dh),
                           "attn.hook_rot_k": (b, p, kv, dh), "mlp.hook_pre_linear": (b, p, m)})
     expected = {f"blocks.{l}.{k}": s for l in range(2) for k, s in per_layer.items()}
-    expected.update({"hook_embed": (b, p, d), "ln_final.hook_scale": (b, p, 1), "ln_final.hook_normalized": (b, p, d)})
+    expected.update({"hook_embed": (b, p, d), "ln_final.hook_scale": (b, p, 1), "ln_final.hook_normalized": (b, p, d),
+                     "unembed.hook_in": (b, p, d), "unembed.hook_out": (b, p, VOCAB)})
     if style == "gptj":
         expected["hook_pos_embed"] = (b, p, d)
     assert {k: tuple(v.shape) for k, v in cache.items()} == expected

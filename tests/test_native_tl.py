@@ -25,8 +25,8 @@ transformer_lens = pytest.importorskip("transformer_lens")
 NO_PROCESSING = dict(fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False)
 
 # Each stratum fixes the features every CI run must cover; hypothesis draws the rest. Together the strata
-# cover every normalisation type, every positional type, attn_only, solu_ln, gated, parallel, GQA, local
-# attention and q/k norms.
+# cover every normalisation type, every positional type (ALiBi included), attn_only, solu_ln, gated, parallel,
+# GQA, local attention and q/k norms.
 STRATA = (
     dict(normalization_type="LN", positional_embedding_type="standard", act_fn="solu_ln", local=True),
     dict(normalization_type="LNPre", positional_embedding_type="rotary", gated_mlp=True, gqa=True,
@@ -34,7 +34,7 @@ STRATA = (
     dict(normalization_type="RMS", positional_embedding_type="shortformer", attn_only=True, use_qk_norm=True),
     dict(normalization_type="RMSPre", positional_embedding_type="rotary", parallel_attn_mlp=True, gated_mlp=True,
          partial_rotary=True),
-    dict(normalization_type=None, positional_embedding_type="standard", gqa=True, use_qk_norm=True,
+    dict(normalization_type=None, positional_embedding_type="alibi", gqa=True, use_qk_norm=True,
          parallel_attn_mlp=True),
 )
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_fast", "silu", "solu_ln")
@@ -123,8 +123,8 @@ def _assert_runs_match(ours, theirs, tokens: torch.Tensor, tol: float) -> int:
 
 def _expected_hooks(cfg: dict) -> set[str]:
     """The hooks TransformerLens's model runs that fxhook must run too (its own list, by hand)."""
-    names = {"hook_embed"}
-    if cfg["positional_embedding_type"] != "rotary":
+    names = {"hook_embed", "unembed.hook_in", "unembed.hook_out"}
+    if cfg["positional_embedding_type"] in ("standard", "shortformer"):
         names.add("hook_pos_embed")
     norm = cfg["normalization_type"] is not None
     if norm:
@@ -223,7 +223,7 @@ def test_native_weights_follow_transformer_lens_layouts():
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(positional_embedding_type="alibi"), "positional_embedding_type='alibi'"),
+    (dict(positional_embedding_type="relative_positional_bias"), "positional_embedding_type='relative_positional_bias'"),
     (dict(attention_dir="bidirectional"), "attention_dir"),
     (dict(attn_scores_soft_cap=30.0), "attn_scores_soft_cap"),
     (dict(gated_mlp=True, act_fn="solu_ln"), "solu_ln"),

@@ -165,5 +165,6 @@ def test_recipe_new_pass(model, captured):
 def test_every_graph_kind_has_its_pass_list_in_the_pipeline(model):
     spec = GraphSpec.from_cfg(model.cfg, live_hooks=frozenset({"blocks.0.hook_resid_post"}))
     names = [p.name for p in forward_passes(spec, model.cfg, model.adapter, HookPoint)]
-    assert names == ["lower_attention", "drop hook_mlp_in markers", "insert_hook_points", "prune_hook_points"]
+    assert names == ["lower_attention", "drop hook_mlp_in markers", "drop hook_tokens markers", "insert_hook_points",
+                     "prune_hook_points"]
     assert output_node(model.graph_for(spec).graph) is not None

@@ -90,6 +90,31 @@ def test_set_tokenizer_detects_who_adds_bos(model, kind):
         assert tok.pad_token_id == tok.bos_token_id == tok.eos_token_id
 
 
+@pytest.mark.parametrize("saved", [True, False])
+@pytest.mark.parametrize("adds_bos", [False, True])
+def test_the_kept_tokenizer_encodes_as_transformer_lens_s(models_by_vocab, gpt2_dir, adds_bos, saved, tmp_path):
+    """The model keeps the tokenizer TransformerLens keeps: reloaded with add_bos_token=True from files saved
+    by save_pretrained (as a hub checkpoint holds them), so it prepends BOS; from bare vocab.json +
+    merges.txt, which transformers 5 cannot rebuild with BOS, the tokenizer as given."""
+    import transformer_lens
+
+    folder = gpt2_dir
+    if saved:
+        GPT2Tokenizer.from_pretrained(gpt2_dir).save_pretrained(tmp_path)
+        folder = tmp_path
+    ours = models_by_vocab["gpt2"]
+    ours.set_tokenizer(GPT2Tokenizer.from_pretrained(folder, add_bos_token=adds_bos))
+    tl_cfg = transformer_lens.HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=16, d_head=4, n_heads=2,
+                                                      d_vocab=50257, attn_only=True, act_fn="gelu")
+    theirs = transformer_lens.HookedTransformer(
+        tl_cfg, tokenizer=GPT2Tokenizer.from_pretrained(folder, add_bos_token=adds_bos))
+    assert ours.cfg.tokenizer_prepends_bos == theirs.cfg.tokenizer_prepends_bos == (saved or adds_bos)
+    for text in PROMPTS["gpt2"]:
+        assert ours.tokenizer.encode(text) == theirs.tokenizer.encode(text)
+        assert ours.tokenizer(text)["input_ids"] == theirs.tokenizer(text)["input_ids"]
+        assert ours.to_tokens(text).tolist() == theirs.to_tokens(text).tolist()
+
+
 def test_set_tokenizer_validates(models_by_vocab, gpt2_dir):
     m = models_by_vocab["gpt2"]
     with pytest.raises(TypeError, match="Hugging Face tokenizer"):

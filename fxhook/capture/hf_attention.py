@@ -89,7 +89,8 @@ def _mark_heads(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def fxhook_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
-                     sliding_window=None, **kwargs):
+                     sliding_window=None, alibi_slopes=None, **kwargs):
+    """`alibi_slopes` (one per query head; fxhook's native model passes them): ALiBi's score bias."""
     unknown = set(kwargs) - _SUPPORTED_KWARGS
     if unknown or getattr(module, "sinks", None) is not None:
         raise NotImplementedError(
@@ -112,8 +113,9 @@ def fxhook_attention(module, query, key, value, attention_mask, scaling=None, dr
                                                 sliding_window)
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         raise TypeError("fxhook attention expects a boolean mask; the mask function was not registered.")
+    alibi = () if alibi_slopes is None else ([float(s) for s in alibi_slopes],)
     z = attention_core(query, key, value, attention_mask, float(scaling),
-                       None if softcap is None else float(softcap), layer)
+                       None if softcap is None else float(softcap), layer, *alibi)
     z = hook_marker(z, hook_names.block_hook(layer, "attn.hook_z"))
     return z, None
 

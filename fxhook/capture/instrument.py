@@ -102,9 +102,23 @@ class _Instrumenter:
         module.forward = types.MethodType(forward, module)
         self.patched_forwards.append(module)
 
+    def mark_tokens(self, embed: nn.Module) -> None:
+        """hook_tokens on the token ids the embedding reads (dropped by a pass unless use_hook_tokens)."""
+        def pre_hook(_mod, args, kwargs):
+            name = hn.model_hook("hook_tokens")
+            if args:
+                return (hook_marker(args[0], name), *args[1:]), kwargs
+            key = next(iter(kwargs))
+            return args, {**kwargs, key: hook_marker(kwargs[key], name)}
+        self.handles.append(embed.register_forward_pre_hook(pre_hook, with_kwargs=True))
+
     def install(self, hf_model: nn.Module) -> None:
         a = self.adapter
         norms, attn, ff = a.norms, a.attention, a.feed_forward
+        self.mark_tokens(get_module(hf_model, a.embed))
+        unembed = get_module(hf_model, a.unembed)
+        self.mark_input(unembed, (hn.model_hook("unembed.hook_in"),))
+        self.mark_output(unembed, hn.model_hook("unembed.hook_out"))
         if a.scaled_embedding:  # the model scales the embedding: hook_embed is what enters block 0
             self.mark_input(get_module(hf_model, a.blocks)[0], (hn.model_hook("hook_embed"),))
         else:

@@ -2,7 +2,7 @@
 lowering equals), the fused SDPA form, grouped-query attention over a static cache, and the additive mask."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -32,11 +32,13 @@ def eager_attention(
     n_rep: int = 1,
     hook_scores: Identity = _same,
     hook_pattern: Identity = _same,
+    alibi_slopes: Sequence[float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return (z [b, p_q, h, d_v], scores, pattern) with TransformerLens masking.
 
     `n_rep` = h // kv (grouped-query attention); passed in so the function can
-    also be traced symbolically.
+    also be traced symbolically. `alibi_slopes` (one per query head) adds ALiBi's bias
+    (`alibi_bias`) to the scaled scores before masking, as TransformerLens does.
 
     Masked scores are -inf; rows with nothing to attend to get an all-zero
     pattern rather than NaN (TransformerLens does the same), with finite gradients.
@@ -46,6 +48,8 @@ def eager_attention(
     scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
+    if alibi_slopes is not None:
+        scores = scores + alibi_bias(alibi_slopes, q, k, mask).to(scores.dtype)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     scores = hook_scores(scores)
@@ -57,6 +61,26 @@ def eager_attention(
     pattern = hook_pattern(pattern).to(v.dtype)
     z = torch.matmul(pattern, v).transpose(1, 2)
     return z, scores, pattern
+
+
+def alibi_bias(slopes: Sequence[float], q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None
+               ) -> torch.Tensor:
+    """ALiBi's score bias, broadcastable to [b, h, p_q, p_k]: slopes[h] * (key index - query index), float32.
+    q [b, h, p_q, d] and k [b, kv, p_k, d] give only the lengths and device; mask is bool [b, 1, p_q, p_k].
+
+    A query's index is read from the mask as the last key it may see (itself, for every real token), so
+    the same rule holds in a forward pass, a growing KV cache and a static one (queries at any cache
+    slot). A row with nothing to attend to is masked whole, whatever its bias. Without a mask the
+    queries are the last p_q of the p_k keys. The slopes enter as a constant of the graph (`new_tensor`),
+    so the function can be traced symbolically."""
+    key_idx = torch.arange(k.shape[-2], device=q.device)  # [p_k]
+    if mask is None:
+        query_idx = (torch.arange(q.shape[-2], device=q.device) + (k.shape[-2] - q.shape[-2]))[:, None]
+    else:
+        query_idx = (mask * key_idx).amax(-1, keepdim=True)  # [b, 1, p_q, 1]
+    distance = (key_idx - query_idx).to(torch.float32)
+    per_head = q.new_tensor(list(slopes), dtype=torch.float32)[:, None, None]  # [h, 1, 1]
+    return per_head * distance
 
 
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

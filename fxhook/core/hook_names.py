@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 Scope = Literal["model", "block"]
-Role = Literal["residual", "embedding", "norm", "head", "pattern", "neuron", "routing"]
+Role = Literal["tokens", "residual", "embedding", "norm", "head", "pattern", "neuron", "routing", "unembed"]
 
 BLOCKS = "blocks"
 _BLOCK_NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")
@@ -50,6 +50,8 @@ NORM_LEAVES = ("hook_scale", "hook_normalized")
 _NORM_AXES = {"hook_scale": "batch pos 1", "hook_normalized": "batch pos d_model"}
 
 KINDS: tuple[HookKind, ...] = (
+    _k("hook_tokens", "batch pos", "input token ids, read by the embedding (a hook may replace them)", "tokens",
+       flag="use_hook_tokens", scope="model"),
     _k("hook_embed", "batch pos d_model", "token embedding", "embedding", "embed", scope="model"),
     _k("hook_pos_embed", "batch pos d_model", "learned position embedding", "embedding", "pos_embed",
        scope="model"),
@@ -110,6 +112,10 @@ KINDS: tuple[HookKind, ...] = (
     _k("ln_final.hook_scale", "batch pos 1", "final norm scale", "norm", scope="model"),
     _k("ln_final.hook_normalized", "batch pos d_model", "normalised final residual stream, read by the unembedding",
        "norm", scope="model"),
+    _k("unembed.hook_in", "batch pos d_model", "the unembedding's input (the final norm's output)", "unembed",
+       scope="model"),
+    _k("unembed.hook_out", "batch pos d_vocab_out", "the unembedding's output: logits, before any soft cap",
+       "unembed", scope="model"),
 )
 
 BY_GENERIC_NAME: dict[str, HookKind] = {k.generic_name: k for k in KINDS}

@@ -25,25 +25,27 @@ def _hook_marker_fake(x: torch.Tensor, name: str) -> torch.Tensor:
 
 def _attention_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-    scaling: float, softcap: float | None,
+    scaling: float, softcap: float | None, alibi_slopes: list[float] | None = None,
 ) -> torch.Tensor:
     """Plain attention: q [b h p d], k/v [b kv p_k d], mask bool [b 1 p p_k] -> z [b p h d]."""
     from fxhook.core.attention_math import eager_attention
 
-    z, _scores, _pattern = eager_attention(q, k, v, mask, scaling, softcap, q.shape[1] // k.shape[1])
+    z, _scores, _pattern = eager_attention(q, k, v, mask, scaling, softcap, q.shape[1] // k.shape[1],
+                                           alibi_slopes=alibi_slopes)
     return z
 
 
 @torch.library.custom_op(ATTENTION_OP_NAME, mutates_args=())
 def attention_core(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-    scaling: float, softcap: float | None, layer: int,
+    scaling: float, softcap: float | None, layer: int, alibi_slopes: list[float] | None = None,
 ) -> torch.Tensor:
-    return _attention_reference(q, k, v, mask, scaling, softcap)
+    """`alibi_slopes` (one per query head): ALiBi's score bias slope * (key index - query index)."""
+    return _attention_reference(q, k, v, mask, scaling, softcap, alibi_slopes)
 
 
 @attention_core.register_fake
-def _attention_core_fake(q, k, v, mask, scaling, softcap, layer):
+def _attention_core_fake(q, k, v, mask, scaling, softcap, layer, alibi_slopes=None):
     b, h, p, _ = q.shape
     return q.new_empty((b, p, h, v.shape[-1]))
 

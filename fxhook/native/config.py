@@ -6,7 +6,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 NORMALIZATIONS = ("LN", "LNPre", "RMS", "RMSPre", None)
-POSITIONS = ("standard", "rotary", "shortformer")
+POSITIONS = ("standard", "rotary", "shortformer", "alibi")
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "silu", "solu", "solu_ln", "relu2")
 
 
@@ -61,6 +61,8 @@ class TLNativeConfig(PretrainedConfig):
                 problems.append(f"local attention needs a positive integer window_size, got {self.window_size!r}")
         if not self.attn_only and self.d_mlp is None:
             problems.append("d_mlp is required unless attn_only")
+        if self.tie_word_embeddings and self.d_vocab_out != self.d_vocab:
+            problems.append(f"tie_word_embeddings with d_vocab_out={self.d_vocab_out} != d_vocab={self.d_vocab}")
         if self.gated_mlp and self.act_fn == "solu_ln":
             problems.append("a gated MLP with act_fn='solu_ln' (TransformerLens then ignores W_in)")
         if problems:

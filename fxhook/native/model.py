@@ -62,6 +62,8 @@ class TLNativeForCausalLM(nn.Module):
         self.blocks = nn.ModuleList(NativeBlock(config, layer) for layer in range(config.n_layers))
         self.ln_final = NativeNorm(config.normalization_type, config.d_model, config.eps)
         self.unembed = nn.Linear(config.d_model, config.d_vocab_out)
+        if config.tie_word_embeddings:  # W_U is W_E transposed: one parameter (b_U stays its own)
+            self.unembed.weight = self.embed.weight
 
     def set_attn_implementation(self, name: str | None) -> None:
         """Route the attention core through transformers' registered implementation `name` (HF's method)."""

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fxhook.core.attention_math import alibi_bias
 from fxhook.native.config import TLNativeConfig
 
 
@@ -129,12 +130,22 @@ def apply_rotary(x: torch.Tensor, positions: torch.Tensor, rotary_dim: int, base
     return torch.cat((x_rot * cos + flipped * sin, x_pass), dim=-1)
 
 
+def alibi_slopes(n_heads: int) -> list[float]:
+    """TransformerLens's ALiBi slope of each head: s, s^2, ..., s^n with s = 2^(-8 / n_heads), computed in
+    float32 as TransformerLens computes them (so the bias is bit-equal to its)."""
+    start = 2 ** (-8 / n_heads)
+    return (start * (start ** torch.arange(n_heads))).tolist()
+
+
 def eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    attention_mask: torch.Tensor, scaling: float, **_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+                    attention_mask: torch.Tensor, scaling: float, alibi_slopes: list[float] | None = None,
+                    **_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """q [b, h, p, d], k/v [b, kv, p_k, d], bool mask [b, 1, p, p_k] -> (z [b, p, h, d], pattern)."""
     n_rep = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(n_rep, dim=1), value.repeat_interleave(n_rep, dim=1)
     scores = (query @ key.transpose(-1, -2)) * scaling  # [b, h, p, p_k]
+    if alibi_slopes is not None:
+        scores = scores + alibi_bias(alibi_slopes, query, key, attention_mask).to(scores.dtype)
     scores = scores.masked_fill(~attention_mask, float("-inf"))
     pattern = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     return (pattern @ value).transpose(1, 2), pattern
@@ -157,6 +168,8 @@ class NativeAttention(nn.Module):
             self.k_norm = NativeNorm("RMS", d, config.eps)
         self.scaling = 1.0 / config.attn_scale
         self.sliding_window = config.window_of(layer_idx)
+        # ALiBi: a per-head bias on the scores, handed to the attention function beside the mask
+        self.alibi = {"alibi_slopes": alibi_slopes(h)} if config.positional_embedding_type == "alibi" else {}
 
     def forward(self, x: torch.Tensor, qk_input: torch.Tensor, position_ids: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
@@ -174,7 +187,9 @@ class NativeAttention(nn.Module):
             q = apply_rotary(q, position_ids, c.rotary_dim, c.rotary_base, c.rotary_adjacent_pairs)
             k = apply_rotary(k, position_ids, c.rotary_dim, c.rotary_base, c.rotary_adjacent_pairs)
         impl = c._attn_implementation
+        if self.alibi and impl not in (None, "eager", "fxhook"):
+            raise NotImplementedError(f"attention implementation {impl!r} takes no ALiBi bias: use 'eager'")
         attend = eager_attention if impl in (None, "eager") else ALL_ATTENTION_FUNCTIONS[impl]
         z, _ = attend(self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, scaling=self.scaling,
-                      dropout=0.0, sliding_window=self.sliding_window)
+                      dropout=0.0, sliding_window=self.sliding_window, **self.alibi)
         return self.o_proj(z.reshape(b, p, c.n_heads * c.d_head))

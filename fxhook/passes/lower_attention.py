@@ -33,18 +33,20 @@ def lower_attention(gm: fx.GraphModule, mode_for_layer: Callable[[int], Mode] = 
     graph = gm.graph
     tracer = GraphAppendingTracer(graph)
     for node in attention_nodes(graph):
-        q, k, v, mask, scaling, softcap, layer = node.args
+        q, k, v, mask, scaling, softcap, layer, *alibi = node.args
+        alibi_slopes = alibi[0] if alibi else node.kwargs.get("alibi_slopes")
         n_rep = q.meta["val"].shape[1] // k.meta["val"].shape[1]
         with graph.inserting_before(node):
             pq, pk, pv = (Proxy(x, tracer) for x in (q, k, v))
             pmask = None if mask is None else Proxy(mask, tracer)
-            if mode_for_layer(layer) == "sdpa" and softcap is None:
+            if mode_for_layer(layer) == "sdpa" and softcap is None and alibi_slopes is None:
                 z = fused_attention(pq, pk, pv, pmask, scaling, n_rep)
-            else:
+            else:  # ALiBi's per-head bias always takes the explicit form, as a soft cap does
                 z, _, _ = eager_attention(
                     pq, pk, pv, pmask, scaling, softcap, n_rep,
                     hook_scores=lambda s: hook_op(s, hook_names.block_hook(layer, "attn.hook_attn_scores")),
-                    hook_pattern=lambda p: hook_op(p, hook_names.block_hook(layer, "attn.hook_pattern")))
+                    hook_pattern=lambda p: hook_op(p, hook_names.block_hook(layer, "attn.hook_pattern")),
+                    alibi_slopes=alibi_slopes)
         node.replace_all_uses_with(z.node)
         graph.erase_node(node)
     return finish(gm)

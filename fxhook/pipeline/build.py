@@ -28,8 +28,10 @@ from fxhook.passes.flag_hooks import drop_markers
 from fxhook.passes.insert_hook_points import insert_hook_points, prune_hook_points
 from fxhook.passes.kv_cache import embeds_input, lower_growing_cache, lower_static_cache, ungrouped_sdpa
 from fxhook.passes.lower_attention import attention_modes, lower_attention
+from fxhook.passes.neutral_ops import folded_norm_params, no_neutral_op_left, remove_neutral_ops
 from fxhook.passes.per_head import split_attn_result, split_qkv_input
 from fxhook.passes.placement import Placement, place_on_devices
+from fxhook.passes.regions import split_regions
 from fxhook.passes.resume_from import downstream_nodes, resume_from
 from fxhook.passes.simplify import flat_attributes, simplify
 from fxhook.passes.slice_layers import slice_layers
@@ -106,6 +108,8 @@ def forward_passes(spec: GraphSpec, cfg: HookedTransformerConfig, adapter: Adapt
                    accepts=_BEFORE_HOOK_POINTS, removes=frozenset({ATTENTION}))]
     if not spec.use_hook_mlp_in:
         passes.append(Pass("drop hook_mlp_in markers", lambda gm: drop_markers(gm, "hook_mlp_in"), accepts=_MARKED))
+    if not spec.use_hook_tokens:
+        passes.append(Pass("drop hook_tokens markers", lambda gm: drop_markers(gm, "hook_tokens"), accepts=_MARKED))
     if spec.use_split_qkv_input or spec.use_attn_in:
         passes.append(Pass("split_qkv_input", lambda gm: split_qkv_input(
             gm, adapter, cfg, split=spec.use_split_qkv_input, attn_in=spec.use_attn_in,
@@ -129,6 +133,10 @@ def forward_passes(spec: GraphSpec, cfg: HookedTransformerConfig, adapter: Adapt
     if spec.outputs:
         passes.append(Pass("expose_activations", lambda gm: expose_activations(gm, spec.outputs, spec.live_hooks),
                            accepts=_HOOKED, ensures=_only_wanted_points(spec.live_hooks)))
+    if getattr(cfg, "layer_norm_folding", False):  # processed: fold_ln made the norms' weights ones, biases zeros
+        neutral = folded_norm_params(adapter, cfg)
+        passes.append(Pass("remove_neutral_ops", lambda gm: remove_neutral_ops(gm, neutral), accepts=_HOOKED,
+                           ensures=no_neutral_op_left(neutral)))
     if placement is not None:
         passes.append(_placement_pass(placement, cfg, adapter))
     return passes
@@ -144,6 +152,13 @@ def build_forward(captured: fx.GraphModule, spec: GraphSpec, cfg: HookedTransfor
     """
     return run_passes(copy_graph_module(captured), forward_passes(spec, cfg, adapter, make_point, placement=placement),
                       "forward graph")
+
+
+def build_regions(forward: fx.GraphModule, adapter: Adapter, n_layers: int) -> fx.GraphModule:
+    """A built forward graph split into regions for regional compilation (passes/regions.py): one submodule
+    per region, tensors lifted to inputs; the graph itself is not changed."""
+    return run_passes(forward, [Pass("split_regions", lambda gm: split_regions(gm, adapter, n_layers),
+                                     accepts=frozenset({HOOK_POINT}))], "regional forward graph")
 
 
 # ------------------------------------------------------------------ decode graphs

@@ -21,13 +21,15 @@ class GraphSpec:
     live_hooks: frozenset[str] | None = None  # keep only these hook points (None: keep all)
     outputs: frozenset[str] = frozenset()  # activations returned as extra outputs (needs live_hooks)
     resume_from: frozenset[str] = frozenset()  # hook points the graph starts from (passes/resume_from.py)
+    use_hook_tokens: bool = False  # TransformerLens's hook_tokens on the input token ids
 
     @classmethod
     def from_cfg(cls, cfg: HookedTransformerConfig, start: int | None = None, stop: int | None = None,
                  live_hooks: frozenset[str] | None = None, outputs: frozenset[str] = frozenset()
                  ) -> "GraphSpec":
         return cls(cfg.use_attn_result, cfg.use_split_qkv_input, cfg.use_attn_in, cfg.use_hook_mlp_in,
-                   cfg.ungroup_grouped_query_attention, start, stop, live_hooks, outputs)
+                   cfg.ungroup_grouped_query_attention, start, stop, live_hooks, outputs,
+                   use_hook_tokens=bool(cfg.use_hook_tokens))
 
     @property
     def wanted_hooks(self) -> frozenset[str] | None:

@@ -1,5 +1,6 @@
 """TransformerLens's top-level components as views: `model.embed`, `model.pos_embed`, `model.unembed`,
-`model.ln_final`, `model.hook_embed`, `model.hook_pos_embed`.
+`model.ln_final`, `model.hook_embed`, `model.hook_pos_embed`, `model.hook_tokens` (`model.unembed.hook_in` /
+`hook_out` come with the unembedding's view).
 
 fxhook has no Embed / Unembed modules of its own (the HF model's modules run inside the captured graph),
 so each view reads the live TransformerLens-layout weights (`embed.W_E`, `unembed.W_U`, ...) and, called,
@@ -102,6 +103,14 @@ class ComponentViewsMixin:
     @property
     def hook_embed(self):
         return self.hook_dict["hook_embed"]
+
+    @property
+    def hook_tokens(self):
+        points = self.hook_dict
+        if "hook_tokens" not in points:
+            raise AttributeError("no hook_tokens: it exists only while use_hook_tokens is on "
+                                 "(model.cfg.use_hook_tokens = True)")
+        return points["hook_tokens"]
 
     @property
     def hook_pos_embed(self):

@@ -15,6 +15,12 @@ as plain Python between compiled regions (runtime/hook_point.py), so a new
 hook function at an already hooked point reuses the compiled code. The graph
 with no hook point, the common case, skips dynamo altogether
 (runtime/precompiled.py).
+
+The prompt runs through the same static graph (`Decoder.prefill_static`). With no hook point it
+runs compiled too: padded on the left to one of a few query lengths (`prefill_plan`), so a handful
+of compiled shapes serve every prompt length. Padding is masked like a batch's left padding
+(positions are counted from the mask), so it changes no value. A hooked prompt runs eagerly and
+unpadded: hooks see the prompt's own positions, as in eager generation.
 """
 from __future__ import annotations
 
@@ -51,6 +57,29 @@ def _guards_skipped(skip: bool):
 
 
 _STATIC_OPTIONS = CompileOptions("inductor", None, None)  # static shapes: each token has the same layouts
+# query lengths of a compiled prompt: a prompt is padded up to the next one; a longer prompt runs in
+# chunks of the last (its remainder first, padded). 1 is the decode step's own shape.
+PREFILL_SIZES = (1, 8, 16, 32, 64)
+
+
+def prefill_plan(length: int, sizes: tuple[int, ...] = PREFILL_SIZES) -> tuple[int, list[int]]:
+    """(padding, chunk lengths) for a compiled prompt of `length` tokens: `padding` filler slots go on the
+    left, then the chunks (they sum to padding + length) run one after another into the static cache."""
+    if length < 1:
+        raise ValueError(f"a prompt needs at least one position, got {length}")
+    chunk = sizes[-1]
+    full, rest = divmod(length, chunk)
+    if not rest:
+        return 0, [chunk] * full
+    first = next(size for size in sizes if size >= rest)
+    return first - rest, [first] + [chunk] * full
+
+
+def _left_pad(x: torch.Tensor, padding: int) -> torch.Tensor:
+    """x [b, p, ...] with `padding` zero positions prepended (masked filler)."""
+    if not padding:
+        return x
+    return torch.cat([x.new_zeros((x.shape[0], padding, *x.shape[2:])), x], dim=1)
 
 
 def check_context_length(cfg: HookedTransformerConfig, length: int) -> None:
@@ -108,13 +137,45 @@ class Decoder:
         return StaticKVCache(self.cfg, batch_size, max_len, self.kv_heads(self.spec()), param.dtype,
                              self.graphs.input_device(), self.graphs.layer_devices())
 
+    def static_kv_cache_for(self, batch_size: int, prompt_length: int, max_new_tokens: int) -> StaticKVCache:
+        """A static cache with room for the prompt (its compiled shape's filler included) and the new tokens."""
+        padding, _ = prefill_plan(prompt_length)
+        length = padding + prompt_length + max_new_tokens
+        return self.init_static_kv_cache(batch_size, StaticKVCache.bucket(length, self.cfg.n_ctx + padding))
+
+    def prefill_static(self, cache: StaticKVCache, tokens: torch.Tensor, mask: torch.Tensor,
+                       embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the prompt tokens [b, p] (padding mask [b, p]; embeds [b, p, d_model] in place of the token
+        embeddings) into an empty static cache -> the logits [b, vocab] at its last position.
+
+        With no hook point live (and inference under inductor's default mode) it runs compiled, padded and
+        chunked by `prefill_plan`; otherwise eagerly and whole, so hooks see the prompt as it is."""
+        if cache.length:
+            raise ValueError("prefill_static fills an empty static cache: make a new one")
+        check_context_length(self.cfg, tokens.shape[1])
+        spec = self.spec()
+        entry = self.graphs.decode(spec, DecodeKind(static=True, embeds=embeds is not None))
+        if self._precompiled(entry, spec) is None:
+            return self.run_static(cache, tokens, mask, embeds)[:, -1]
+        padding, chunks = prefill_plan(tokens.shape[1])
+        tokens, mask = _left_pad(tokens, padding), _left_pad(mask, padding)
+        embeds = None if embeds is None else _left_pad(embeds, padding)
+        cache.filler = padding
+        start = 0
+        for size in chunks:
+            piece = slice(start, start + size)
+            logits = self.run_static(cache, tokens[:, piece], mask[:, piece],
+                                     None if embeds is None else embeds[:, piece], compiled=True)
+            start += size
+        return logits[:, -1]
+
     def run_static(self, cache: StaticKVCache, tokens: torch.Tensor, mask: torch.Tensor,
                    embeds: torch.Tensor | None = None, compiled: bool = False) -> torch.Tensor:
         """Write tokens [b, q] (padding mask [b, q]) into the static cache -> logits [b, q, vocab]."""
         spec = self.spec()
         if cache.keys[0].shape[1] != self.kv_heads(spec):
             raise ValueError("the static cache was made under other model flags: make a new one")
-        check_context_length(self.cfg, cache.length + tokens.shape[1])
+        check_context_length(self.cfg, cache.context_length(tokens.shape[1]))
         cache_position = cache.reserve(mask)
         entry = self.graphs.decode(spec, DecodeKind(static=True, embeds=embeds is not None))
         extra = () if embeds is None else (embeds,)
@@ -124,11 +185,15 @@ class Decoder:
             return entry.gm(*args)
         # the next token of the same generate call: this graph already ran on inputs of these very
         # layouts, and with no hook attached nothing can hand the graph a tensor of another layout
-        warm = cache.warm_graph is entry.gm and not spec.live_hooks
-        cache.warm_graph = entry.gm
+        # (a prompt chunk and a token step run one graph on two layouts)
+        warm = (cache.warm is not None and cache.warm[0] is entry.gm and cache.warm[1] == tuple(tokens.shape)
+                and not spec.live_hooks)
         precompiled = self._precompiled(entry, spec)
         if precompiled is not None:
-            return precompiled(*args, same_as_last=warm)
+            artifact = cache.warm[2] if warm and cache.warm[2] is not None else precompiled.artifact(*args)
+            cache.warm = (entry.gm, tuple(tokens.shape), artifact)
+            return artifact(*args)
+        cache.warm = (entry.gm, tuple(tokens.shape), None)
         with _guards_skipped(warm):
             return self._compiled(entry)(*args)
 

@@ -7,8 +7,10 @@ positions. Three ways to run the steps:
 
 - eager, with a growing KV cache (the default);
 - compiled decode (`use_compiled_decode=True`, or the model's compile setting):
-  prefill runs eagerly into a static preallocated cache, then every token runs
-  one torch.compile'd graph whose input shapes never change;
+  the prompt runs compiled into a static preallocated cache (padded on the left to
+  one of a few shapes; eagerly and unpadded while a hook is attached), then every
+  token runs one compiled graph whose input shapes never change; any batch size,
+  left padding masked;
 - no cache (`use_past_kv_cache=False`): the whole sequence every step.
 
 Input may be text, tokens, or input embeddings [batch, pos, d_model] (these
@@ -27,7 +29,6 @@ from fxhook.config import HookedTransformerConfig
 from fxhook.runtime.decode import Decoder, check_context_length
 from fxhook.runtime.graphs import GraphStore
 from fxhook.runtime.tokens import TextCodec, check_token_ids
-from fxhook.runtime.kv_cache import StaticKVCache
 from fxhook.runtime.sampling import sample_logits
 
 _RETURN_TYPES = ("input", "str", "tokens", "embeds")
@@ -154,13 +155,12 @@ class Generator:
         b = prompt.batch
         ones = torch.ones((b, 1), dtype=torch.long, device=prompt.mask.device)
         if compiled:
-            cache = self.decoder.init_static_kv_cache(b, StaticKVCache.bucket(prompt.length + max_new_tokens,
-                                                                      self.cfg.n_ctx))
+            cache = self.decoder.static_kv_cache_for(b, prompt.length, max_new_tokens)
 
             def run(new):
-                if new is None:
+                if new is None:  # the prompt: compiled in a few padded shapes (Decoder.prefill_static)
                     ids = prompt.tokens if prompt.tokens is not None else self._shape_ids(prompt)
-                    return self.decoder.run_static(cache, ids, prompt.mask, prompt.embeds)[:, -1]
+                    return self.decoder.prefill_static(cache, ids, prompt.mask, prompt.embeds)
                 return self.decoder.run_static(cache, new[:, None], ones, compiled=True)[:, -1]
             return run
         if use_past_kv_cache:

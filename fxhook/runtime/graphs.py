@@ -27,8 +27,10 @@ from fxhook.adapter import Adapter, get_module
 from fxhook.config import HookedTransformerConfig
 from fxhook.core.graph import hook_point_nodes
 from fxhook.core.hook_point import HookPoint, call_hooked_points
+from fxhook.passes.neutral_ops import neutral_guard
 from fxhook.passes.placement import Placement, place_tensors_, single, untie_split_embeddings_
 from fxhook.pipeline import DecodeKind, GraphSpec
+from fxhook.runtime.regional import RegionCache, RegionalProgram
 
 DEFAULT_MAX_VARIANTS = 16
 # set by `GraphStore.eager()` for the calls of one thread or task: run eagerly on a compiled model
@@ -74,6 +76,7 @@ class CompileOptions:
     backend: str = "inductor"
     mode: str | None = None
     dynamic: bool | None = True
+    regional: bool = True  # forward graphs: each distinct region compiled once (runtime/regional.py)
 
 
 @dataclass(eq=False)
@@ -85,6 +88,7 @@ class GraphEntry:
     compiled: dict[CompileOptions, Callable] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     precompiled: Any = None  # runtime/precompiled.PrecompiledStep for hook-free static decode graphs
+    regions: RegionCache | None = None  # the model's compiled regions, for graphs compiled region by region
 
     @property
     def hook_dict(self) -> dict[str, HookPoint]:
@@ -93,9 +97,12 @@ class GraphEntry:
         return self._hook_dict
 
     def compiled_with(self, options: CompileOptions) -> Callable:
-        """torch.compile of this graph under `options`, made once."""
+        """torch.compile of this graph under `options`, made once: region by region, sharing the model's
+        compiled regions, when the graph has them and options.regional; else of the whole graph."""
         with self._lock:
-            if options not in self.compiled:
+            if options not in self.compiled and options.regional and self.regions is not None:
+                self.compiled[options] = RegionalProgram(self.gm, self.regions, options)
+            elif options not in self.compiled:
                 self.compiled[options] = torch.compile(self.gm, backend=options.backend, mode=options.mode,
                                                        dynamic=options.dynamic)
             return self.compiled[options]
@@ -117,9 +124,11 @@ class GraphStore:
         self._kept: dict[tuple, GraphEntry] = {}  # graphs of whole flag combinations
         self._recent: collections.OrderedDict[tuple, GraphEntry] = collections.OrderedDict()  # per hook set
         self.built = 0  # graphs built since creation (tests and benchmarks read it)
+        self.stale_rebuilds = 0  # graphs dropped because a parameter they assumed neutral changed
         self._lock = threading.RLock()  # graphs are built and evicted by one thread at a time
         self.compile_options: CompileOptions | None = None  # None: graphs run eagerly
         self.placement: Placement | None = None  # blocks split across devices (set_placement); None: one device
+        self.regions: RegionCache | None = None  # compiled regions shared by the forward graphs (runtime/regional.py)
         self._gather_depth = 0
 
     # ------------------------------------------------------------------ hook points
@@ -219,13 +228,14 @@ class GraphStore:
     # ------------------------------------------------------------------ graphs
     def _entry(self, key: tuple, pruned: bool, build: Callable[[], fx.GraphModule]) -> GraphEntry:
         with self._lock:
+            self._drop_if_stale(key)
             if key in self._kept:
                 return self._kept[key]
             if key in self._recent:
                 self._recent.move_to_end(key)
                 return self._recent[key]
             with _sources_made() as made:
-                entry = GraphEntry(build())
+                entry = GraphEntry(build(), regions=self._regions_for(key))
             self.built += 1
             if not pruned:
                 self._kept[key] = entry
@@ -234,6 +244,27 @@ class GraphStore:
                 self._evict()
             _release_sources(set(made) - self._live_sources())  # the passes' intermediate sources
             return entry
+
+    def _drop_if_stale(self, key: tuple) -> None:
+        """Forget the graph of `key` when a parameter its passes assumed neutral changed since it was built
+        (`model.blocks[0].ln1.w.data += 1` after fold_ln: passes/neutral_ops.py). Checked at every lookup,
+        so it is built again, with that parameter's op kept, before it runs."""
+        entry = self._kept.get(key) or self._recent.get(key)
+        guard = None if entry is None else neutral_guard(entry.gm)
+        if guard is not None and not guard.holds():
+            self._kept.pop(key, None)
+            self._recent.pop(key, None)
+            self.stale_rebuilds += 1
+            _release_sources([_source_key(entry.gm)])
+
+    def _regions_for(self, key: tuple) -> RegionCache | None:
+        """Forward graphs on one device compile region by region; decode graphs (their caches are mutated in
+        place) and graphs split across devices compile whole."""
+        if key[0] != "forward" or self.placement is not None:
+            return None
+        if self.regions is None:
+            self.regions = RegionCache(self.adapter, self.cfg.n_layers)
+        return self.regions
 
     def resize(self, max_variants: int) -> None:
         """Keep the graphs of at most `max_variants` hook sets (the least recently used go first)."""

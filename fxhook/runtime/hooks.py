@@ -10,6 +10,7 @@ import contextlib
 import difflib
 from typing import Callable, Iterable, Iterator, Sequence, Union
 
+from fxhook.core import hook_names
 from fxhook.core.hook_point import Direction, HookEntry, HookFn, HookPoint, call_hooks, drop_call_hooks
 
 NameOrFilter = Union[str, Callable[[str], bool], Sequence[str]]
@@ -25,6 +26,10 @@ class UnknownHookError(KeyError):
 
 def unknown_hook_message(name: str, known: Iterable[str]) -> str:
     known = list(known)
+    kind = hook_names.kind_of(name)
+    if kind is not None and kind.flag is not None:
+        return (f"no hook point named {name!r} in this model: it exists only while {kind.flag} is on "
+                f"(model.cfg.{kind.flag} = True)")
     close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     return (f"no hook point named {name!r} in this model.{hint} "

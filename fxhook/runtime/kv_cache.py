@@ -99,7 +99,10 @@ class StaticKVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=where[layer]) for layer in range(cfg.n_layers)]
         self.attention_mask = torch.zeros((batch_size, max_len), dtype=torch.long, device=device)
         self.length = 0  # slots written so far
-        self.warm_graph = None  # the compiled decode graph that last ran on this cache
+        self.filler = 0  # slots of padding added to give a compiled prompt a shared shape: no positions, not context
+        # (graph, query shape, compiled code or None) of the compiled step that last ran on this cache: the
+        # next token of the same call reuses the code without checking its inputs again
+        self.warm: tuple | None = None
 
     @staticmethod
     def bucket(length: int, n_ctx: int, smallest: int = 64) -> int:
@@ -117,6 +120,10 @@ class StaticKVCache:
     @property
     def batch_size(self) -> int:
         return self.attention_mask.shape[0]
+
+    def context_length(self, q_len: int) -> int:
+        """The sequence length (left padding of the batch counted, filler not) once q_len more slots are written."""
+        return self.length + q_len - self.filler
 
     def reserve(self, mask: torch.Tensor) -> torch.Tensor:
         """Mark the next mask.shape[1] slots with `mask` [batch, q]; returns their cache positions [q]."""

@@ -49,6 +49,7 @@ from torch import nn
 from fxhook.config import config_from_hf
 from fxhook.passes.placement import resolve_placement, split_requested
 from fxhook.runtime.saving import load_saved_hf, processing_to_apply, restore_processed_cfg, save_model, saved_info
+from fxhook.runtime.tl_checkpoint import is_tl_checkpoint, load_tl_checkpoint
 
 PROCESSING_FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases",
                     "refactor_factored_attn_matrices")
@@ -357,8 +358,8 @@ def official_hub_name(name: str) -> str:
     if is_transformer_lens_native(repository):
         raise NotImplementedError(
             f"{name!r} ({repository}) is a checkpoint saved by TransformerLens in its own format, which fxhook "
-            f"does not read yet: build the model with HookedTransformer(cfg) and load its state dict with "
-            f"load_and_process_state_dict")
+            f"reads from a local folder only: put the repository's config.json and model_final.pth in a folder and "
+            f"pass the folder to from_pretrained (fxhook/runtime/tl_checkpoint.py)")
     return repository
 
 
@@ -481,6 +482,18 @@ class LoadingMixin:
                 raise ValueError("checkpoint_value and checkpoint_label are aliases: pass one of them")
             checkpoint_value = checkpoint_label
         name = os.fspath(model_name) if model_name is not None else None
+        if hf_model is None and name is not None and is_tl_checkpoint(name):  # TransformerLens's own format
+            unsupported = {k: v for k, v in dict(
+                first_n_layers=first_n_layers, n_ctx=n_ctx, checkpoint_value=checkpoint_value, revision=revision,
+                checkpoint_index=checkpoint_index, device_map=device_map, **hf_kwargs).items() if v is not None}
+            if unsupported or split or trust_remote_code or not move_to_device:
+                raise ValueError(f"{name!r} is a TransformerLens checkpoint (fxhook/runtime/tl_checkpoint.py), "
+                                 f"which takes dtype, device, tokenizer, default_prepend_bos, default_padding_side, "
+                                 f"compile and the processing flags; not {sorted(unsupported) or 'these options'}")
+            model = load_tl_checkpoint(cls, name, processing, dtype=dtype, device=device, tokenizer=tokenizer,
+                                       default_prepend_bos=default_prepend_bos,
+                                       default_padding_side=default_padding_side)
+            return model.compile() if compile else model
         ckpt_revision, checkpoint_value = checkpoint_revision(name, checkpoint_index, checkpoint_value)
         if ckpt_revision is not None:
             if revision is not None and revision != ckpt_revision:

@@ -31,7 +31,6 @@ class PrecompiledStep:
     def __init__(self, graph: fx.GraphModule):
         self.graph = graph
         self._artifacts: dict[tuple, Any] = {}
-        self._last = threading.local()  # per thread: concurrent generate calls may use other layouts
         self._lock = threading.Lock()
 
     def _key(self, args: tuple[torch.Tensor, ...]) -> tuple:
@@ -60,17 +59,18 @@ class PrecompiledStep:
         stats["compiled"] += 1
         return artifact
 
-    def __call__(self, *args: torch.Tensor, same_as_last: bool = False) -> Any:
-        """Run the step. `same_as_last`: the caller knows the inputs have the layouts of the last call
-        (the next token of the same generate call) and no parameter was replaced since."""
-        last = getattr(self._last, "artifact", None)
-        if not same_as_last or last is None:
-            key = self._key(args)
-            with self._lock:
-                if key not in self._artifacts:
-                    self._artifacts[key] = self._compile(args)
-            last = self._last.artifact = self._artifacts[key]
-        return last(*args)
+    def artifact(self, *args: torch.Tensor) -> Any:
+        """The compiled code for inputs of these layouts and the parameters' present storage (compiled on
+        first use). A caller that knows later inputs keep these layouts (the next tokens of one generate
+        call) calls it directly, without this check."""
+        key = self._key(args)
+        with self._lock:
+            if key not in self._artifacts:
+                self._artifacts[key] = self._compile(args)
+            return self._artifacts[key]
+
+    def __call__(self, *args: torch.Tensor) -> Any:
+        return self.artifact(*args)(*args)
 
 
 def _inductor(graph: fx.GraphModule, args: tuple[torch.Tensor, ...], cpp_wrapper: bool) -> Any:

@@ -16,6 +16,7 @@ positions never change earlier ones) and, as in TransformerLens, gets none.
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Sequence, Union
 
 import numpy as np
@@ -25,6 +26,34 @@ from fxhook.config import HookedTransformerConfig
 
 TokensLike = Union[torch.Tensor, np.ndarray, Sequence[int], int]
 _SIDES = ("left", "right")
+
+
+def get_tokenizer_with_bos(tokenizer: Any) -> Any:
+    """The tokenizer a model keeps, as TransformerLens's `utils.get_tokenizer_with_bos` makes it: one that
+    prepends BOS itself (`model.tokenizer.encode(text)` starts with BOS), reloaded from its files with
+    add_bos_token=True, because some tokenizers (Llama's) split text differently when they add BOS.
+
+    Unchanged when it has no BOS token or already adds it, and (as TransformerLens) when its files cannot
+    be rebuilt with BOS (ValueError: e.g. bare vocab.json + merges.txt in transformers 5); unchanged too
+    where there are no files to reload (a tokenizer built in memory), where TransformerLens fails.
+    """
+    if tokenizer.bos_token is None:
+        return tokenizer
+    init_kwargs = copy.deepcopy(tokenizer.init_kwargs)
+    source = init_kwargs.pop("name_or_path", None) or getattr(tokenizer, "name_or_path", None)
+    adds_bos = init_kwargs.pop("add_bos_token", None)
+    if adds_bos is None:
+        adds_bos = getattr(tokenizer, "add_bos_token", False)
+    if adds_bos or not source:
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    try:
+        with_bos = AutoTokenizer.from_pretrained(source, add_bos_token=True, **init_kwargs)
+    except Exception:  # noqa: BLE001 (ValueError as TransformerLens; any other failure to reload alike)
+        return tokenizer
+    with_bos.padding_side = tokenizer.padding_side
+    return with_bos
 
 
 def _as_token_tensor(tokens: TokensLike) -> torch.Tensor:
@@ -71,7 +100,7 @@ class TextCodec:
 
     def __init__(self, cfg: HookedTransformerConfig, tokenizer: Any = None):
         self.cfg = cfg
-        self.tokenizer = tokenizer
+        self.tokenizer = get_tokenizer_with_bos(tokenizer) if tokenizer is not None else None
         self._set_tokenizer_defaults()
 
     # ---------------------------------------------------------------- setting the tokenizer
@@ -88,7 +117,7 @@ class TextCodec:
                             f"{type(tokenizer).__name__}")
         if default_padding_side not in (*_SIDES, None):
             raise ValueError(f"default_padding_side must be 'left', 'right' or None, got {default_padding_side!r}")
-        self.tokenizer = tokenizer
+        self.tokenizer = get_tokenizer_with_bos(tokenizer)  # as TransformerLens keeps it
         if default_padding_side is None:
             default_padding_side = tokenizer.padding_side if tokenizer.padding_side in _SIDES else "right"
         self.cfg.default_padding_side = default_padding_side

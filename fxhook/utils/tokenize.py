@@ -2,13 +2,13 @@
 and packing a text dataset into fixed-length token rows."""
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import einops
 import numpy as np
 import torch
 
+from fxhook.runtime.tokens import get_tokenizer_with_bos  # noqa: F401 (TransformerLens's utils name)
 from fxhook.utils.tensors import get_cumsum_along_dim
 
 
@@ -58,19 +58,6 @@ def get_input_with_manually_prepended_bos(bos_token: str | None, input: str | li
         return input
     return bos_token + input if isinstance(input, str) else [bos_token + text for text in input]
 
-
-def get_tokenizer_with_bos(tokenizer: Any) -> Any:
-    """A tokenizer that prepends BOS itself: this one if it does (or has no BOS), else a copy told to.
-    Fast tokenizers add BOS through their post-processor, which `add_bos_token` rebuilds."""
-    if tokenizer.bos_token is None or getattr(tokenizer, "add_bos_token", False):
-        return tokenizer
-    with_bos = copy.deepcopy(tokenizer)
-    try:
-        with_bos.add_bos_token = True
-    except (AttributeError, ValueError):  # tokenizers that cannot prepend BOS keep their behaviour
-        return tokenizer
-    with_bos.padding_side = tokenizer.padding_side
-    return with_bos
 
 
 def keep_single_column(dataset: Any, col_name: str) -> Any:
