@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import torch
 
 from fxhook.runtime.model_names import ALIASES, REPOSITORIES, official_repository
 
@@ -45,7 +46,6 @@ def test_other_names_pass_through(name):
 
 def test_from_pretrained_takes_an_alias_from_a_local_hub_cache(tmp_path):
     """A folder shaped like the hub cache (models--ORG--NAME/snapshots/REV, refs/main), no network."""
-    import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     from fxhook import HookedTransformer
@@ -66,8 +66,40 @@ def test_from_pretrained_takes_an_alias_from_a_local_hub_cache(tmp_path):
     assert model.cfg.original_architecture == "GPTNeoXForCausalLM"
 
 
-def test_transformer_lens_own_checkpoints_are_refused_with_the_reason():
+def test_transformer_lens_own_checkpoint_loads_by_its_official_name_from_the_local_cache(tmp_path):
+    """"attn-only-2l" is NeelNanda/Attn_Only_2L512W_C4_Code, a TransformerLens-format repository (config.json of
+    TL fields, model_final.pth): its snapshot in a hub-shaped cache builds the native model with TL's outputs."""
+    import json
+
+    from transformer_lens import HookedTransformer as TLHookedTransformer
+
+    from fxhook import HookedTransformer
+    from fxhook.runtime.tl_checkpoint import tl_config_from_json
+
+    neel = dict(d_model=16, n_layers=2, d_head=4, n_heads=4, n_ctx=32, d_vocab=60, act_fn="gelu_new", attn_only=True,
+                normalization="LN", shortformer_pos=False, tokenizer_name=None, lr=1e-3)  # Neel's spellings
+    theirs = TLHookedTransformer(dict(tl_config_from_json(neel), device="cpu", seed=3))
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():  # norms too: a unit weight would hide a misread one
+            param.add_(0.1 * torch.randn_like(param))
+    repo = tmp_path / "models--NeelNanda--Attn_Only_2L512W_C4_Code"
+    snapshot = repo / "snapshots" / "feedc0de"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps(neel))
+    torch.save(theirs.state_dict(), snapshot / "model_final.pth")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("feedc0de")
+
+    ours = HookedTransformer.from_pretrained_no_processing("attn-only-2l", cache_dir=str(tmp_path))
+    tokens = torch.randint(0, 60, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), theirs(tokens), atol=1e-5, rtol=1e-5)
+    assert type(ours.hf_model).__name__ == "TLNativeForCausalLM"
+
+
+def test_transformer_lens_own_checkpoints_not_in_the_cache_are_refused_with_what_to_do(tmp_path):
     from fxhook import HookedTransformer
 
-    with pytest.raises(NotImplementedError, match="saved by TransformerLens in its own format"):
-        HookedTransformer.from_pretrained("attn-only-2l")
+    with pytest.raises(OSError, match=r"NeelNanda/Attn_Only_2L512W_C4_Code, which is not in the local HF cache.*"
+                                      r"model_final.pth"):
+        HookedTransformer.from_pretrained("attn-only-2l", cache_dir=str(tmp_path))

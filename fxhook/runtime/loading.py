@@ -49,7 +49,7 @@ from torch import nn
 from fxhook.config import config_from_hf
 from fxhook.passes.placement import resolve_placement, split_requested
 from fxhook.runtime.saving import load_saved_hf, processing_to_apply, restore_processed_cfg, save_model, saved_info
-from fxhook.runtime.tl_checkpoint import is_tl_checkpoint, load_tl_checkpoint
+from fxhook.runtime.tl_checkpoint import cached_tl_checkpoint, is_tl_checkpoint, load_tl_checkpoint
 
 PROCESSING_FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases",
                     "refactor_factored_attn_matrices")
@@ -358,8 +358,8 @@ def official_hub_name(name: str) -> str:
     if is_transformer_lens_native(repository):
         raise NotImplementedError(
             f"{name!r} ({repository}) is a checkpoint saved by TransformerLens in its own format, which fxhook "
-            f"reads from a local folder only: put the repository's config.json and model_final.pth in a folder and "
-            f"pass the folder to from_pretrained (fxhook/runtime/tl_checkpoint.py)")
+            f"reads through HookedTransformer.from_pretrained, from the local HF cache or a folder holding its "
+            f"config.json and model_final.pth (fxhook/runtime/tl_checkpoint.py)")
     return repository
 
 
@@ -482,6 +482,10 @@ class LoadingMixin:
                 raise ValueError("checkpoint_value and checkpoint_label are aliases: pass one of them")
             checkpoint_value = checkpoint_label
         name = os.fspath(model_name) if model_name is not None else None
+        snapshot = cached_tl_checkpoint(name, hf_kwargs.get("cache_dir")) if hf_model is None and name else None
+        if snapshot is not None:  # an official name of a TransformerLens checkpoint: its snapshot in the HF cache
+            name = snapshot
+            hf_kwargs.pop("cache_dir", None)
         if hf_model is None and name is not None and is_tl_checkpoint(name):  # TransformerLens's own format
             unsupported = {k: v for k, v in dict(
                 first_n_layers=first_n_layers, n_ctx=n_ctx, checkpoint_value=checkpoint_value, revision=revision,

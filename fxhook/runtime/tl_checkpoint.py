@@ -50,6 +50,33 @@ def is_tl_checkpoint(path: str) -> bool:
             and bool(glob.glob(os.path.join(path, "**", "*" + STATE_DICT_SUFFIX), recursive=True)))
 
 
+def cached_tl_checkpoint(name: str, cache_dir: str | os.PathLike | None = None) -> str | None:
+    """The local HF-cache snapshot folder of the TransformerLens checkpoint an official name stands for
+    ("attn-only-2l" -> NeelNanda/Attn_Only_2L512W_C4_Code's snapshot), or None when `name` is no such
+    name. Only the local cache is read (nothing is downloaded); a name whose snapshot is not there, or
+    lacks the config and state dict, is refused with what to do."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from fxhook.runtime.model_names import is_transformer_lens_native, official_repository
+
+    repository = official_repository(name) or name
+    if os.path.exists(name) or not is_transformer_lens_native(repository):
+        return None
+    try:
+        folder = snapshot_download(repository, cache_dir=cache_dir, local_files_only=True)
+    except LocalEntryNotFoundError as error:
+        raise OSError(f"{name!r} is TransformerLens's checkpoint {repository}, which is not in the local HF cache"
+                      f"{f' at {cache_dir}' if cache_dir else ''}. fxhook reads such checkpoints from the cache or a "
+                      f"folder and downloads nothing: fetch the repository's config.json and model_final.pth "
+                      f"(e.g. `huggingface-cli download {repository} config.json model_final.pth`), or pass a "
+                      f"folder holding them") from error
+    if not is_tl_checkpoint(folder):
+        raise OSError(f"the cached snapshot of {repository} ({folder}) lacks TransformerLens's config.json or a "
+                      f"*{STATE_DICT_SUFFIX} state dict; download them again")
+    return folder
+
+
 def tl_config_from_json(raw: dict[str, Any]) -> dict[str, Any]:
     """A HookedTransformerConfig dict from a TransformerLens checkpoint's config.json.
 
