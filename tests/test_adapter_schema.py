@@ -56,8 +56,8 @@ BROKEN = {
         GPT2, lambda: _parts(GPT2, "positions", pos_embed_offset=-1),
         "pos_embed_offset=-1 needs a position table and must be >= 0"),
     "unknown positional kind": (
-        GPT2, lambda: _parts(GPT2, "positions", kind="alibi"),
-        "positions.kind is 'alibi'"),
+        GPT2, lambda: _parts(GPT2, "positions", kind="sinusoidal"),
+        "positions.kind is 'sinusoidal'"),
     "unknown norm kind": (
         LLAMA, lambda: _parts(LLAMA, "norms", kind="batchnorm"),
         "norms.kind is 'batchnorm'"),

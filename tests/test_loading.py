@@ -133,7 +133,9 @@ def test_folder_load_uses_default_device(gpt2_folder):
 def test_folder_with_tokenizer(gpt2_folder):
     folder, hf = gpt2_folder
     model = load(str(folder), device="cpu")
-    assert model.tokenizer is not None and model.cfg.tokenizer_prepends_bos is False
+    # the tokenizer is reloaded with add_bos_token=True, as TransformerLens keeps it: its encode prepends BOS
+    assert model.tokenizer is not None and model.cfg.tokenizer_prepends_bos is True
+    assert model.tokenizer.encode("Hello")[0] == model.tokenizer.bos_token_id
     assert model.cfg.n_layers == 2 and model.cfg.d_model == 32 and model.cfg.dtype == torch.float32
     torch.testing.assert_close(fx_logits(model), hf_logits(hf), atol=1e-5, rtol=0)
     assert model.to_str_tokens("Hello world", prepend_bos=False) == ["Hello", " world"]

@@ -237,7 +237,7 @@ class VirtualDevices(torch.fx.Interpreter):
 def _hook_block(name: str, n_layers: int) -> int:
     if name.startswith("blocks."):
         return int(name.split(".")[1])
-    return n_layers if name.startswith("ln_final") else -1
+    return n_layers if name.startswith(("ln_final", "unembed.")) else -1
 
 
 @pytest.fixture(scope="module")

@@ -214,7 +214,7 @@ class _Regions:
         layer = layer_of(name)
         if layer is not None:
             return layer
-        return self.n_layers if name.startswith("ln_final.") else -1
+        return self.n_layers if name.startswith(("ln_final.", "unembed.")) else -1  # the final norm, the unembedding
 
 
 def _explicit_region(node: fx.Node, regions: _Regions) -> int | None:
