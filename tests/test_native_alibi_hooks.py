@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from fxhook import HookedTransformer
+from test_native_tl import _randomised_tl_model, _tl_model
 
 transformer_lens = pytest.importorskip("transformer_lens")
 
@@ -25,25 +26,7 @@ LLAMA_LIKE = dict(BASE, act_fn="silu", normalization_type="RMS", positional_embe
                   final_rms=True, n_key_value_heads=2, rotary_base=500.0, eps=1e-6)
 GPT2_LIKE = dict(BASE, act_fn="gelu_new", normalization_type="LN", positional_embedding_type="standard")
 
-
-def _tl_model(cfg: dict):
-    from transformer_lens import HookedTransformer as TLHookedTransformer
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return TLHookedTransformer(copy.deepcopy(cfg)).eval()
-
-
-def _randomised(cfg: dict, seed: int):
-    """TransformerLens's model with every parameter random; norm weights 1 + noise, so that nothing hides
-    behind a neutral norm."""
-    theirs = _tl_model(cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            noise = torch.randn(p.shape, generator=gen) * 0.3
-            p.copy_(1.0 + noise if name.endswith(".w") else noise)
-    return theirs
+_randomised = _randomised_tl_model  # every parameter random, norm weights 1 + noise
 
 
 def _pair(cfg: dict, seed: int = 0):

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from test_compile import CountingBackend
 from torch.testing import assert_close
 
 from fxhook import HookedTransformer, pipeline
@@ -33,15 +35,6 @@ LLAMA_2 = ModelSpec("llama", 2, 4, 2, 8, 40, False, False, 7)  # the compiled te
 GPT2 = ModelSpec("gpt2", 3, 4, 4, 8, 40, True, True, 3)
 
 
-class CountingBackend:
-    """A torch.compile backend that counts the graphs dynamo hands it and runs them as they are."""
-
-    def __init__(self) -> None:
-        self.graphs = 0
-
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs) -> callable:
-        self.graphs += 1
-        return gm.forward
 
 
 @pytest.fixture(scope="module")
