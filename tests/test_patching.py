@@ -11,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 from fxhook import HookedTransformer
 from fxhook.analysis import patching
+from fxhook.analysis.patch_runs import layer_runs, position_runs
 from models import NO_SHRINK, VOCAB, ModelSpec, build_hf_model, model_specs
 from tl_reference import tl_model
 from profiles import examples
@@ -134,20 +135,47 @@ def test_explicit_indices_progress_and_errors(pair, capfd):
 SWEEPS = sorted(name for name in dir(patching) if name.startswith("get_act_patch_") and not name.endswith("_every"))
 
 
-def test_reusing_the_prefix_equals_full_recomputation(pair):
-    """Every sweep, run from the patched hook on (the corrupted run cached once) or recomputed whole: equal,
-    on a GQA model with a batch of two."""
+@pytest.mark.parametrize("per_run", [8, 3])
+def test_reusing_the_prefix_equals_full_recomputation(pair, per_run):
+    """Every sweep, run from the patched hook on (the corrupted run cached once; by-position sweeps from the
+    patched position on, layers packed) or recomputed whole: equal, on a GQA model with a batch of two, for
+    a metric that reads every position's logits."""
     model, _ = pair
-    clean, corrupted = prompts(4, 3, 2)
+    clean, corrupted = prompts(6, 3, 3)
     clean, corrupted = clean.repeat(2, 1), corrupted.repeat(2, 1)
-    metric = lambda logits: (logits[:, -1, 3] - logits[:, -1, 4]).mean()  # noqa: E731
+    metric = lambda logits: (logits[:, -1, 3] - logits[:, -1, 4]).mean() + 0.1 * logits[:, :, 5].sum()  # noqa: E731
     with torch.no_grad():
         _, cache = model.run_with_cache(clean)
     built = model.graphs.built
     assert len(SWEEPS) == 18
     for name in SWEEPS:
         sweep = getattr(patching, name)
-        reused = sweep(model, corrupted, cache, metric, progress=False)
+        reused = sweep(model, corrupted, cache, metric, progress=False, patches_per_run=per_run)
         full = sweep(model, corrupted, cache, metric, progress=False, reuse_prefix=False)
         assert reused.shape == full.shape and torch.allclose(reused, full, atol=1e-5), name
     assert model.graphs.built > built  # the resumed graphs were built and used
+    assert not model.live_hooks()
+
+
+def test_position_runs_plan():
+    """By-position passes: every patch once; a pass starts at its lowest layer and first position, packs only
+    consecutive layers' groups of the same positions, and holds at most per_run x length rows."""
+    length, per_run = 6, 4
+    rows = [(layer, pos) for layer in range(3) for pos in range(length)]
+    runs = position_runs(rows, "resid_pre", per_run, length)
+    assert sorted(number for run in runs for number, _ in run.members) == list(range(len(rows)))
+    for run in runs:
+        layers = sorted({index[0] for _, index in run.members})
+        assert run.start == f"blocks.{layers[0]}.hook_resid_pre" and layers == list(range(layers[0], layers[-1] + 1))
+        assert run.first == min(index[1] for _, index in run.members)
+        assert len(run.members) * (length - run.first) <= per_run * length
+        by_hook = run.by_hook("resid_pre")
+        assert sorted(by_hook) == [f"blocks.{layer}.hook_resid_pre" for layer in layers]
+        for patches in by_hook.values():  # copy i patches members[i], its position counted from the pass's first
+            assert all(shifted[1] == run.members[copy][1][1] - run.first for copy, shifted in patches)
+    # positions 4 and 5 (2 copies x 2 positions per layer) pack all three layers into one pass
+    tail = [run for run in runs if run.first == 4]
+    assert len(tail) == 1 and len(tail[0].members) == 6 and tail[0].start == "blocks.0.hook_resid_pre"
+    # positions 0..3: 4 copies x 6 positions fill a pass: one per layer
+    assert sorted(run.start for run in runs if run.first == 0) == [f"blocks.{layer}.hook_resid_pre" for layer in range(3)]
+    assert layer_runs(rows, "resid_pre", per_run)[0].first == 0

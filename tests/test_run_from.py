@@ -10,6 +10,7 @@ from hypothesis import given, settings, strategies as st
 from fxhook import HookedTransformer
 from fxhook.analysis.hook_graph import downstream, resume_inputs
 from fxhook.analysis.resume import required_inputs
+from fxhook.core.hook_names import describe, position_axis
 from fxhook.passes.resume_from import RESUME_INPUTS, resume_from
 from models import NO_SHRINK, ModelSpec, build_hf_model, left_padded_batches, model_specs
 from profiles import examples
@@ -37,6 +38,22 @@ def test_resume_from_any_hook_reproduces_the_run(spec, batch, data):
             assert set(resumed.keys()) == later | {name}, name  # only what depends on it was computed
             for later_name in resumed.keys():
                 assert torch.allclose(resumed[later_name], cache[later_name], atol=1e-5, equal_nan=True), later_name
+        # after a KV cache of the first positions only the later ones are computed, from any hook point whose
+        # inputs are per-position values (a pattern's key axis spans the cached positions too)
+        first = data.draw(st.integers(1, tokens.shape[1] - 1))
+        past = model.init_kv_cache(tokens.shape[0])
+        model(tokens[:, :first], attention_mask=mask[:, :first], past_kv_cache=past)
+        real = mask[:, first:].bool()  # padding positions' logits are not defined
+        for name in data.draw(st.lists(st.sampled_from(names), min_size=2, max_size=4, unique=True)):
+            needed = required_inputs(model, frozenset([name]), after_cache=True)
+            if any("key_pos" in describe(n)[0] for n in needed):
+                continue
+            given = {n: cache[n].narrow(position_axis(n), first, tokens.shape[1] - first) for n in needed}
+            out = model.run_from(name, given, tokens=tokens[:, first:], attention_mask=mask[:, first:],
+                                 past_kv_cache=past)
+            assert out.shape == logits[:, first:].shape
+            assert (out - logits[:, first:])[real].abs().max() <= 1e-5, name
+        assert past.past_length == first  # read, not extended
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +95,14 @@ def test_run_from_errors(small):
         model.run_from(name, cache, return_type="loss")
     with pytest.raises(ValueError, match=r"\[batch, pos\]"):
         model.run_from(name, cache, attention_mask=torch.ones(1, 6, dtype=torch.long))
+    past = model.init_kv_cache(2)
+    model(tokens[:, :2], past_kv_cache=past)
+    with pytest.raises(ValueError, match="cannot both"):
+        model.run_from(name, cache, past_kv_cache=past, names_filter="blocks.1.hook_resid_post")
+    with pytest.raises(TypeError, match="KVCache"):
+        model.run_from(name, cache, past_kv_cache=[past.keys, past.values])
+    with pytest.raises(ValueError, match="batch of 2"):
+        model.run_from(name, {name: cache[name][:1, 2:]}, past_kv_cache=past)
     with pytest.raises(ValueError, match="batch axis"):
         model.run_from("blocks.0.hook_resid_pre", {"blocks.0.hook_resid_pre": cache["blocks.0.hook_resid_pre"][0]})
 

@@ -19,12 +19,11 @@ from __future__ import annotations
 import itertools
 from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
-import einops
 import torch
 from tqdm.auto import tqdm
 
+from fxhook.analysis.patch_runs import CorruptedRun, copies, layer_runs, position_runs
 from fxhook.analysis.resume import required_inputs, run_resumed
-from fxhook.core.hook_names import get_act_name
 
 if TYPE_CHECKING:
     from fxhook.analysis.cache import ActivationCache
@@ -92,6 +91,12 @@ def layer_head_dest_src_pos_pattern_patch_setter(corrupted_activation: torch.Ten
     return corrupted_activation
 
 
+# setters that change the one position index[1] of a [batch, pos, ...] activation: attention is causal, so
+# every position before it keeps the corrupted run's values, and a run recomputes only the positions after
+# the earliest patched one (with the earlier ones' keys and values from the corrupted run)
+POSITION_SETTERS = frozenset({layer_pos_patch_setter, layer_pos_head_vector_patch_setter})
+
+
 # ------------------------------------------------------------------ the generic sweep
 def _axis_sizes(model, activation_name: str, n_pos: int) -> dict[str, int]:
     heads = model.cfg.n_kv_heads if activation_name in ("k", "v") else model.cfg.n_heads
@@ -107,22 +112,6 @@ def _rows_of(index_df) -> tuple[list[tuple[int, ...]], list[str] | None]:
     return rows, None
 
 
-def _runs(rows: list[tuple[int, ...]], activation_name: str, per_run: int
-          ) -> list[tuple[str, list[tuple[int, tuple[int, ...]]]]]:
-    """The forward passes of a sweep: (hook name, [(row number, index)]), at most per_run patches each and
-    one hook name each, so a run recomputes only what comes after that hook."""
-    by_name: dict[str, list[tuple[int, tuple[int, ...]]]] = {}
-    for number, index in enumerate(rows):
-        by_name.setdefault(get_act_name(activation_name, index[0]), []).append((number, index))
-    return [(name, members[i:i + per_run]) for name, members in by_name.items()
-            for i in range(0, len(members), per_run)]
-
-
-def _copies(x: torch.Tensor, n: int) -> torch.Tensor:
-    """n copies of a batch along the batch axis, copy-major: [b, ...] -> [n * b, ...]."""
-    return einops.repeat(x, "b ... -> (copies b) ...", copies=n)
-
-
 def generic_activation_patch(model: HookedTransformer, corrupted_tokens: torch.Tensor | str,
                              clean_cache: ActivationCache, patching_metric: Metric,
                              patch_setter: PatchSetter, activation_name: str,
@@ -136,10 +125,13 @@ def generic_activation_patch(model: HookedTransformer, corrupted_tokens: torch.T
     activation_name is a short name ("resid_pre", "z", "pattern", ...) completed with the layer.
     return_index_df: also return the indices as a pandas DataFrame.
     patches_per_run: patches done in one forward pass, as copies of the input along the batch axis
-    (the metric still sees one copy's logits at a time); 1 runs them one by one.
+    (the metric still sees one copy's logits at a time); 1 runs them one by one. A pass holds at most
+    patches_per_run copies' worth of positions: a by-position pass that computes only the later
+    positions holds proportionally more patches (from consecutive layers; patch_runs.py).
     reuse_prefix: run the corrupted input once, cache what each patched hook's downstream reads, and per
-    run compute only the part of the model after the patched hook (`model.run_from`); False recomputes
-    the whole forward for every run (the same results, slower).
+    run compute only the part of the model after the patched hook (`model.run_from`), and for a patch of
+    one position (the by-position sweeps) only the positions from it on; False recomputes the whole
+    forward for every run (the same results, slower).
     """
     if isinstance(corrupted_tokens, str):
         corrupted_tokens = model.to_tokens(corrupted_tokens)
@@ -160,9 +152,18 @@ def generic_activation_patch(model: HookedTransformer, corrupted_tokens: torch.T
     results = torch.zeros(shape, device=corrupted_tokens.device)
     batch = corrupted_tokens.shape[0]
 
-    def patch(name: str, members: list[tuple[int, tuple[int, ...]]]):
-        """One hook for all the patches of this run at `name` (copy i of the input gets members[i])."""
-        clean = clean_cache[name]
+    length = corrupted_tokens.shape[-1]
+    per_run = max(1, int(patches_per_run))
+    by_position = reuse_prefix and patch_setter in POSITION_SETTERS
+    if by_position:
+        runs = position_runs([_in_range(index, length) for index in rows], activation_name, per_run, length)
+    else:
+        runs = layer_runs(rows, activation_name, per_run)
+
+    def patch(name: str, patches: list[tuple[int, tuple[int, ...]]], first: int):
+        """The hook at `name` for the patches of one pass there: (copy of the input, index). The activation
+        holds the positions from `first` on, and a patch's position counts from `first`."""
+        clean = clean_cache[name][:, first:]
 
         def hook(activation: torch.Tensor, hook) -> torch.Tensor:
             if activation.shape[1:] != clean.shape[1:] or activation.shape[0] % clean.shape[0]:
@@ -171,39 +172,51 @@ def generic_activation_patch(model: HookedTransformer, corrupted_tokens: torch.T
                                  "must have the same batch size and number of tokens")
             activation = activation.clone()
             source = clean.to(activation.device)
-            for copy, (_, index) in enumerate(members):
+            for copy, index in patches:
                 part = slice(copy * batch, (copy + 1) * batch)
                 activation[part] = patch_setter(activation[part], index, source)
             return activation
         return hook
 
-    runs = _runs(rows, activation_name, max(1, int(patches_per_run)))
     show = len(rows) > PROGRESS_FROM if progress is None else progress
     bar = tqdm(total=len(rows), desc=f"patching {activation_name}", disable=not show)
     with torch.no_grad(), model.graphs.eager():
         tokens, mask = model.input_to_tokens(corrupted_tokens, None, None, None)
-        corrupted = _corrupted_inputs(model, tokens, mask, {name for name, _ in runs}) if reuse_prefix else None
-        for name, members in runs:
-            hooks = [(name, patch(name, members))]
-            if corrupted is None:
-                logits = model.run_with_hooks(_copies(tokens, len(members)), attention_mask=_copies(mask, len(members)),
-                                              fwd_hooks=hooks)
+        if by_position:
+            corrupted_run = CorruptedRun(model, tokens, mask, runs, activation_name)
+        elif reuse_prefix:
+            corrupted = _corrupted_inputs(model, tokens, mask, {run.start for run in runs})
+        for run in runs:
+            n = len(run.members)
+            hooks = [(name, patch(name, patches, run.first)) for name, patches in run.by_hook(activation_name).items()]
+            if by_position:
+                with model.hooks(hooks):
+                    after = corrupted_run.logits_after(run)
+            elif not reuse_prefix:
+                after = model.run_with_hooks(copies(tokens, n), attention_mask=copies(mask, n), fwd_hooks=hooks)
             else:
                 with model.hooks(hooks):
-                    needed = required_inputs(model, frozenset([name]))
-                    values = {n: _copies(corrupted[n], len(members)) for n in needed}
-                    logits, _, _ = run_resumed(model, frozenset([name]), values, _copies(tokens, len(members)),
-                                               _copies(mask, len(members)))
-            for copy, (number, index) in enumerate(members):
-                value = float(patching_metric(logits[copy * batch:(copy + 1) * batch]))
-                results[index if index_df is None else number] = value
-            bar.update(len(members))
+                    needed = required_inputs(model, frozenset([run.start]))
+                    values = {name: copies(corrupted[name], n) for name in needed}
+                    after, _, _ = run_resumed(model, frozenset([run.start]), values, copies(tokens, n), copies(mask, n))
+            for copy, (number, index) in enumerate(run.members):
+                logits = after[copy * batch:(copy + 1) * batch]
+                logits = corrupted_run.whole(logits, run.first) if by_position else logits
+                results[index if index_df is None else number] = float(patching_metric(logits))
+            bar.update(n)
     bar.close()
     if not return_index_df:
         return results
     import pandas as pd
 
     return results, pd.DataFrame(rows, columns=columns)
+
+
+def _in_range(index: tuple[int, ...], length: int) -> tuple[int, ...]:
+    """A [layer, pos, ...] index with its position counted from 0 (-1: the last), checked to be in range."""
+    if not -length <= index[1] < length:
+        raise IndexError(f"patch index {index}: position {index[1]} is out of range for {length} tokens")
+    return (index[0], index[1] % length, *index[2:])
 
 
 def _corrupted_inputs(model: HookedTransformer, tokens: torch.Tensor, mask: torch.Tensor, starts: set[str]

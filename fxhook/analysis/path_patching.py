@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Callable, Literal, Sequence
 import contextlib
 import dataclasses
 
-import einops
 import networkx as nx
 import torch
 from tqdm.auto import tqdm
 
 from fxhook.analysis.hook_graph import hook_graph_of
+from fxhook.analysis.patch_runs import copies as _copies
 from fxhook.analysis.resume import required_inputs, run_resumed, run_with_flags
 from fxhook.core.graph import hook_point_nodes
 from fxhook.core.hook_point import HookEntry, call_hooks
@@ -104,11 +104,6 @@ def _attached(model: HookedTransformer, hooks: list[tuple[str, Callable]]) -> co
     """This call's hooks, on points that may exist only with the per-head input hooks (model.hooks checks
     names against the model's own flags)."""
     return call_hooks([(model.graphs.make_point(name), "fwd", HookEntry(fn)) for name, fn in hooks])
-
-
-def _copies(x: torch.Tensor, n: int) -> torch.Tensor:
-    """n copies of a batch along the batch axis, copy-major: [b, ...] -> [n * b, ...]."""
-    return einops.repeat(x, "b ... -> (copies b) ...", copies=n)
 
 
 def _receivers_run(model: HookedTransformer, tokens: torch.Tensor, mask: torch.Tensor,

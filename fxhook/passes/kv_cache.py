@@ -104,6 +104,19 @@ def embeds_input(gm: fx.GraphModule) -> fx.GraphModule:
     return finish(gm)
 
 
+def logits_only(gm: fx.GraphModule) -> fx.GraphModule:
+    """Takes a growing-cache decode graph (..) -> (logits, *keys, *values); gives the same graph returning the
+    logits alone, so the cache writes of layers nobody reads are dead code. A run resumed from a hook point
+    (passes/resume_from.py) computes only the layers after it: the cache it could return is not whole."""
+    out = output_node(gm.graph)
+    results = out.args[0]
+    if not isinstance(results, (tuple, list)):
+        raise ValueError("logits_only takes a growing-cache decode graph returning (logits, *keys, *values)")
+    out.args = (results[0],)
+    gm.graph.eliminate_dead_code()
+    return finish(gm)
+
+
 def ungrouped_sdpa(gm: fx.GraphModule) -> fx.GraphModule:
     """Replace SDPA calls with enable_gqa by `grouped_attention` (for the compiled static-cache graph)."""
     for node in list(gm.graph.nodes):

@@ -26,7 +26,7 @@ from fxhook.core.hook_point import HookPoint
 from fxhook.passes.expose_activations import expose_activations
 from fxhook.passes.flag_hooks import drop_markers
 from fxhook.passes.insert_hook_points import insert_hook_points, prune_hook_points
-from fxhook.passes.kv_cache import embeds_input, lower_growing_cache, lower_static_cache, ungrouped_sdpa
+from fxhook.passes.kv_cache import embeds_input, logits_only, lower_growing_cache, lower_static_cache, ungrouped_sdpa
 from fxhook.passes.lower_attention import attention_modes, lower_attention
 from fxhook.passes.neutral_ops import folded_norm_params, no_neutral_op_left, remove_neutral_ops
 from fxhook.passes.per_head import split_attn_result, split_qkv_input
@@ -185,8 +185,14 @@ def decode_passes(spec: GraphSpec, kind: DecodeKind, cfg: HookedTransformerConfi
                   make_point: MakePoint, placement: Placement | None = None) -> list[Pass]:
     """The passes from a decode step to the hooked decode graph: the forward passes (no layer slicing),
     then simplification, then the runner's form: compiled static graphs keep grouped-query attention
-    without copying the cache per head; eager graphs read parameters as flat attributes."""
-    passes = forward_passes(spec, cfg, adapter, make_point, slicing=False)
+    without copying the cache per head; eager graphs read parameters as flat attributes.
+    A graph resumed from hook points (spec.resume_from: a patched suffix of positions) returns its logits only."""
+    passes = []
+    if spec.resume_from:
+        if kind.static:
+            raise ValueError("a decode graph resumed from hook points keeps a growing cache, not a static one")
+        passes.append(Pass("logits_only", logits_only, accepts=_BEFORE_HOOK_POINTS))
+    passes += forward_passes(spec, cfg, adapter, make_point, slicing=False)
     passes.append(Pass("simplify", simplify))
     if placement is not None:  # after simplify: its sharing of masks across layers must not cross devices
         passes.append(_placement_pass(placement, cfg, adapter))

@@ -1,0 +1,134 @@
+"""How a patching sweep's patches become forward passes, and the corrupted run that by-position passes resume.
+
+A sweep does several patches per forward pass, as copies of the input along the batch axis. A pass
+(`PatchRun`) resumes at one hook point (`start`) and computes only what comes after it; a pass of
+patches that each change one position computes only the positions from the earliest of them on,
+reading the earlier positions' keys and values from the corrupted run's KV cache (attention is causal:
+positions before a patch keep their corrupted values). Such passes are small, so `position_runs` packs
+those of consecutive layers together (the pass resumes at the lowest layer, and a hook at each layer
+patches its own copies): one pass reads the weights once for all of them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import einops
+import torch
+
+from fxhook.analysis.resume import required_inputs, run_resumed_after
+from fxhook.core.hook_names import describe, get_act_name, position_axis
+from fxhook.runtime.kv_cache import KVCache
+
+if TYPE_CHECKING:
+    from fxhook.model import HookedTransformer
+
+Member = tuple[int, tuple[int, ...]]  # (row number in the sweep, index: layer first)
+
+
+@dataclass(frozen=True)
+class PatchRun:
+    """One forward pass: copy i of the input gets the patch members[i]; computed from hook point `start`
+    on, and from position `first` on (0: every position)."""
+
+    start: str
+    members: tuple[Member, ...]
+    first: int = 0
+
+    def by_hook(self, activation_name: str) -> dict[str, list[tuple[int, tuple[int, ...]]]]:
+        """hook name -> [(copy, index with its position counted from `first`)] for the patches there."""
+        hooks: dict[str, list[tuple[int, tuple[int, ...]]]] = {}
+        for copy, (_, index) in enumerate(self.members):
+            shifted = (index[0], index[1] - self.first, *index[2:]) if self.first else index
+            hooks.setdefault(get_act_name(activation_name, index[0]), []).append((copy, shifted))
+        return hooks
+
+
+def copies(x: torch.Tensor, n: int) -> torch.Tensor:
+    """n copies of a batch along the batch axis, copy-major: [b, ...] -> [n * b, ...]."""
+    return einops.repeat(x, "b ... -> (copies b) ...", copies=n)
+
+
+def layer_runs(rows: Sequence[tuple[int, ...]], activation_name: str, per_run: int) -> list[PatchRun]:
+    """Passes of at most per_run patches, one layer (hook name) each, so a pass computes only what comes
+    after that hook; every position."""
+    by_layer: dict[int, list[Member]] = {}
+    for number, index in enumerate(rows):
+        by_layer.setdefault(index[0], []).append((number, tuple(index)))
+    return [PatchRun(get_act_name(activation_name, layer), tuple(members[i:i + per_run]))
+            for layer, members in by_layer.items() for i in range(0, len(members), per_run)]
+
+
+def position_runs(rows: Sequence[tuple[int, ...]], activation_name: str, per_run: int, length: int
+                  ) -> list[PatchRun]:
+    """Passes for patches [layer, pos, ...] that each change one position (pos in range(length)).
+
+    Each layer's patches, by position, in groups of per_run; a group computes positions first.. only.
+    Groups of consecutive layers with the same positions are then merged while the merged pass holds
+    at most per_run * length rows (copies x positions computed), the size of one full-length pass of
+    per_run copies: short passes, which cost mostly the reading of the weights, become fewer."""
+    groups: list[tuple[int, int, list[Member]]] = []  # (layer, first, members)
+    by_layer: dict[int, list[Member]] = {}
+    for number, index in enumerate(rows):
+        by_layer.setdefault(index[0], []).append((number, tuple(index)))
+    for layer in sorted(by_layer):
+        members = sorted(by_layer[layer], key=lambda m: m[1][1])
+        for i in range(0, len(members), per_run):
+            group = members[i:i + per_run]
+            groups.append((layer, group[0][1][1], group))
+    budget = per_run * length
+    runs: list[PatchRun] = []
+    pending: dict[tuple[int, ...], tuple[int, int, list[Member], int]] = {}  # positions -> (start layer, first, members, last layer)
+    for layer, first, members in groups:
+        key = tuple(sorted({m[1][1] for m in members}))
+        open_run = pending.get(key)
+        if open_run is not None and open_run[3] == layer - 1 and (len(open_run[2]) + len(members)) * (length - first) <= budget:
+            pending[key] = (open_run[0], first, open_run[2] + members, layer)
+            continue
+        if open_run is not None:
+            runs.append(PatchRun(get_act_name(activation_name, open_run[0]), tuple(open_run[2]), open_run[1]))
+        pending[key] = (layer, first, members, layer)
+    runs.extend(PatchRun(get_act_name(activation_name, start), tuple(members), first)
+                for start, first, members, _ in pending.values())
+    return runs
+
+
+class CorruptedRun:
+    """The corrupted run, kept for passes that compute only the positions from their earliest patch on:
+    its logits, the activations those passes read, and its keys and values (a KV cache)."""
+
+    def __init__(self, model: HookedTransformer, tokens: torch.Tensor, mask: torch.Tensor, runs: Sequence[PatchRun],
+                 activation_name: str):
+        self.model, self.tokens, self.mask = model, tokens, mask
+        live = model.live_hooks()
+        self.needed = {run: required_inputs(model, frozenset([run.start]),
+                                            live_hooks=live | set(run.by_hook(activation_name)), after_cache=True)
+                       for run in runs}
+        wanted = sorted({name for names in self.needed.values() for name in names})
+        self.logits, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=wanted)
+        self.activations = dict(cache.items())
+        self.kv = model.init_kv_cache(tokens.shape[0])
+        model.decoder.run_growing(self.kv, tokens, mask)
+
+    def logits_after(self, run: PatchRun) -> torch.Tensor:
+        """Logits [copies * batch, pos - run.first, d_vocab] of the run's copies of the input at positions
+        run.first.., resumed at run.start (the hooks attached now fire)."""
+        n, first = len(run.members), run.first
+        past = KVCache([copies(k[:, :, :first], n) for k in self.kv.keys],
+                       [copies(v[:, :, :first], n) for v in self.kv.values], copies(self.mask[:, :first], n))
+        values = {name: copies(from_position(name, self.activations[name], first), n) for name in self.needed[run]}
+        return run_resumed_after(self.model, frozenset([run.start]), values, past,
+                                 copies(self.tokens[:, first:], n), copies(self.mask[:, first:], n))
+
+    def whole(self, logits_after: torch.Tensor, first: int) -> torch.Tensor:
+        """[batch, pos, d_vocab]: one copy's logits of the positions from `first` on, after the corrupted
+        run's logits of the earlier positions."""
+        return torch.cat([self.logits[:, :first], logits_after.to(self.logits)], dim=1)
+
+
+def from_position(name: str, value: torch.Tensor, first: int) -> torch.Tensor:
+    """Activation `name` [batch, pos, ...] from position `first` on (along its position axis)."""
+    axis = position_axis(name)
+    if axis is None or "key_pos" in describe(name)[0]:
+        raise ValueError(f"{name} is not a per-position activation: a pass over the later positions cannot read it")
+    return value.narrow(axis, first, value.shape[axis] - first)
