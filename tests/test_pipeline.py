@@ -12,6 +12,7 @@ from fxhook.core.hook_point import HookPoint
 from fxhook.passes.expose_activations import ACTIVATION_NAMES, expose_activations
 from fxhook.passes.flag_hooks import drop_markers
 from fxhook.passes.insert_hook_points import insert_hook_points, prune_hook_points
+from fxhook.passes.kv_cache import logits_only
 from fxhook.passes.lower_attention import attention_modes, lower_attention
 from fxhook.passes.slice_layers import slice_layers
 from fxhook.pipeline import (DecodeKind, GraphSpec, Pass, PassContractError, build_decode_step, build_forward,
@@ -114,6 +115,22 @@ def test_cache_lowering_removes_the_kv_ops_and_passes_the_self_check(model):
     for kind in (DecodeKind(), DecodeKind(static=True)):
         step = build_decode_step(decode, kind, model.graphs.captured(), cfg)  # raises if it disagrees
         assert "kv_op" not in form_of(step)
+
+
+def test_logits_only_returns_the_same_logits_and_drops_the_cache_writes(model):
+    cfg = model.cfg
+    step = build_decode_step(capture_decode(model.hf_model, model.adapter, cfg), DecodeKind(),
+                             model.graphs.captured(), cfg)
+    empty = [torch.zeros(2, cfg.n_kv_heads, 0, cfg.d_head)] * cfg.n_layers
+    positions = (MASK.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        full = step(TOKENS, positions, MASK, *empty, *empty)
+        only = logits_only(copy_graph_module(step))
+        logits = only(TOKENS, positions, MASK, *empty, *empty)
+    assert isinstance(logits, torch.Tensor) and torch.equal(logits, full[0])
+    assert len(full) == 1 + 2 * cfg.n_layers and not isinstance(output_node(only.graph).args[0], (tuple, list))
+    with pytest.raises(ValueError, match="growing-cache decode graph"):
+        logits_only(only)
 
 
 # ------------------------------------------------------------------ contracts

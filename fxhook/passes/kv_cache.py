@@ -106,8 +106,8 @@ def embeds_input(gm: fx.GraphModule) -> fx.GraphModule:
 
 def logits_only(gm: fx.GraphModule) -> fx.GraphModule:
     """Takes a growing-cache decode graph (..) -> (logits, *keys, *values); gives the same graph returning the
-    logits alone, so the cache writes of layers nobody reads are dead code. A run resumed from a hook point
-    (passes/resume_from.py) computes only the layers after it: the cache it could return is not whole."""
+    logits alone. A run resumed from a hook point (passes/resume_from.py) computes only the layers after it:
+    the cache it could return is not whole, and without these outputs the earlier layers are dead code."""
     out = output_node(gm.graph)
     results = out.args[0]
     if not isinstance(results, (tuple, list)):
