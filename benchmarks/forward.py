@@ -2,6 +2,7 @@
 
     python benchmarks/forward.py                        # GPT-2-small shape (random) and SmolLM2
     python benchmarks/forward.py --models gpt2 --repeats 5 --batch 4 --seq 128
+    python benchmarks/forward.py --models small6 gpt2 --no-tl --threads 1   # issue 17's run_with_cache goals
 
 One run measures every system on the same model and tokens, interleaving the systems within each
 repeat so machine drift cancels, and prints the median time and its ratio to HF eager, the compile
@@ -84,9 +85,18 @@ def gpt2_small() -> tuple[torch.nn.Module, str]:
     return GPT2LMHeadModel(config).eval(), "GPT-2-small shape (random weights)"
 
 
+def small6() -> tuple[torch.nn.Module, str]:
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=6, n_embd=384, n_head=6, vocab_size=50257, n_positions=1024)
+    return GPT2LMHeadModel(config).eval(), "6 layers, d_model 384 (GPT-2 family, random weights)"
+
+
 def smollm2() -> tuple[torch.nn.Module, str]:
     model = HookedTransformer.from_pretrained_no_processing("smollm2", dtype="float32", device="cpu")
     return model.hf_model, "SmolLM2-135M (packaged GGUF, dequantised)"
+
+
+MODELS = {"gpt2": gpt2_small, "small6": small6, "smollm2": smollm2}
 
 
 def systems_for(hf: torch.nn.Module, tokens: torch.Tensor, with_tl: bool) -> list[System]:
@@ -163,15 +173,18 @@ def report(title: str, systems: list[System], shape: tuple[int, int]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["gpt2", "smollm2"], choices=["gpt2", "smollm2"])
+    parser.add_argument("--models", nargs="+", default=["gpt2", "smollm2"], choices=list(MODELS))
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-tl", action="store_true", help="leave TransformerLens out")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     for name in args.models:
-        hf, title = gpt2_small() if name == "gpt2" else smollm2()
+        hf, title = MODELS[name]()
         g = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, hf.config.vocab_size, (args.batch, args.seq), generator=g)
         systems = systems_for(hf, tokens, with_tl=not args.no_tl)

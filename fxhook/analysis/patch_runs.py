@@ -78,19 +78,24 @@ def position_runs(rows: Sequence[tuple[int, ...]], activation_name: str, per_run
             groups.append((layer, group[0][1][1], group))
     budget = per_run * length
     runs: list[PatchRun] = []
-    pending: dict[tuple[int, ...], tuple[int, int, list[Member], int]] = {}  # positions -> (start layer, first, members, last layer)
+    growing: dict[tuple[int, ...], tuple[int, list[Member]]] = {}  # positions -> (last layer, members) of a pass
     for layer, first, members in groups:
-        key = tuple(sorted({m[1][1] for m in members}))
-        open_run = pending.get(key)
-        if open_run is not None and open_run[3] == layer - 1 and (len(open_run[2]) + len(members)) * (length - first) <= budget:
-            pending[key] = (open_run[0], first, open_run[2] + members, layer)
+        positions = tuple(sorted({index[1] for _, index in members}))
+        last, packed = growing.get(positions, (None, []))
+        if last == layer - 1 and (len(packed) + len(members)) * (length - first) <= budget:
+            growing[positions] = (layer, packed + members)
             continue
-        if open_run is not None:
-            runs.append(PatchRun(get_act_name(activation_name, open_run[0]), tuple(open_run[2]), open_run[1]))
-        pending[key] = (layer, first, members, layer)
-    runs.extend(PatchRun(get_act_name(activation_name, start), tuple(members), first)
-                for start, first, members, _ in pending.values())
+        if packed:
+            runs.append(_pass(activation_name, packed))
+        growing[positions] = (layer, members)
+    runs.extend(_pass(activation_name, packed) for _, packed in growing.values())
     return runs
+
+
+def _pass(activation_name: str, members: list[Member]) -> PatchRun:
+    """A by-position pass: from its lowest layer's hook and its earliest position."""
+    start = min(index[0] for _, index in members)
+    return PatchRun(get_act_name(activation_name, start), tuple(members), min(index[1] for _, index in members))
 
 
 class CorruptedRun:
