@@ -3,6 +3,7 @@
     python benchmarks/generate.py                     # SmolLM2 (packaged, offline), batches 1 8 32, and GPT-2-small
     python benchmarks/generate.py --batch 8 --tokens 16 --repeats 3
     python benchmarks/generate.py --no-compiled       # skip compiled decode (its first calls compile: minutes)
+    python benchmarks/generate.py --batch 1 --tokens 2 --repeats 7 --skip-gpt2 --threads 1   # first-token goal
     python benchmarks/generate.py --quick             # a tiny random model, batches 1 and 8: a smoke test
 
 Everything is measured in one run, interleaving the systems so machine drift cancels. Batches are

@@ -40,26 +40,30 @@ def ragged(seed: int, batch: int, longest: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def test_prefill_plan_pads_to_few_shapes():
-    # worked by hand: pad up to 1, 8, 16, 32 or 64; beyond 64 the remainder first, then chunks of 64
-    assert PREFILL_SIZES == (1, 8, 16, 32, 64)
+    # worked by hand: pad up to the next size (each at most 1.5x the one before); beyond 64 the remainder
+    # first, then chunks of 64
+    assert PREFILL_SIZES == (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
     assert prefill_plan(1) == (0, [1])
-    assert prefill_plan(2) == (6, [8])
+    assert prefill_plan(2) == (0, [2])
+    assert prefill_plan(5) == (1, [6])
     assert prefill_plan(8) == (0, [8])
-    assert prefill_plan(9) == (7, [16])
-    assert prefill_plan(33) == (31, [64])
+    assert prefill_plan(9) == (3, [12])
+    assert prefill_plan(33) == (15, [48])
     assert prefill_plan(64) == (0, [64])
     assert prefill_plan(65) == (0, [1, 64])
-    assert prefill_plan(70) == (2, [8, 64])
+    assert prefill_plan(70) == (0, [6, 64])
+    assert prefill_plan(71) == (1, [8, 64])
     assert prefill_plan(200) == (0, [8, 64, 64, 64])
     for length in range(1, 300):
         padding, chunks = prefill_plan(length)
         assert sum(chunks) == padding + length and set(chunks) <= set(PREFILL_SIZES)
         assert padding < chunks[0]  # the filler sits in the first chunk only
+        assert 2 * padding < chunks[0]  # less filler than prompt in that chunk
     with pytest.raises(ValueError, match="at least one position"):
         prefill_plan(0)
 
 
-@pytest.mark.parametrize("batch, longest", [(1, 5), (8, 70), (32, 11)], ids=["batch1", "batch8-chunked", "batch32"])
+@pytest.mark.parametrize("batch, longest", [(1, 6), (8, 70), (32, 11)], ids=["batch1", "batch8-chunked", "batch32"])
 def test_compiled_prompt_and_decode_equal_eager_and_hf(llama, batch, longest):
     hf, model = llama
     tokens, mask = ragged(batch, batch, longest)

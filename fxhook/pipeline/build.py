@@ -27,6 +27,7 @@ from fxhook.passes.expose_activations import expose_activations
 from fxhook.passes.flag_hooks import drop_markers
 from fxhook.passes.insert_hook_points import insert_hook_points, prune_hook_points
 from fxhook.passes.kv_cache import embeds_input, logits_only, lower_growing_cache, lower_static_cache, ungrouped_sdpa
+from fxhook.passes.last_position import last_position_logits
 from fxhook.passes.lower_attention import attention_modes, lower_attention
 from fxhook.passes.neutral_ops import folded_norm_params, no_neutral_op_left, remove_neutral_ops
 from fxhook.passes.per_head import split_attn_result, split_qkv_input
@@ -178,7 +179,16 @@ def build_decode_step(captured_decode: fx.GraphModule, kind: DecodeKind, capture
     gm = run_passes(copy_graph_module(captured_decode), cache_passes(kind), "decode step")
     verify_decode(gm, captured_forward, cfg.n_layers, _kv_heads(cfg, ungrouped), cfg.d_head, cfg.d_vocab,
                   static=kind.static, embed=embed)
-    return gm
+    return run_passes(gm, logits_passes(kind), "decode step")
+
+
+def logits_passes(kind: DecodeKind) -> list[Pass]:
+    """The passes that choose which positions' logits a verified decode step returns: every position, or
+    (kind.last_position, a prompt's step) the last one only. They run after `verify_decode`, whose check
+    reads every position; tests/test_last_position.py checks the sliced step against HF family by family."""
+    if not kind.last_position:
+        return []
+    return [Pass("last_position_logits", last_position_logits, accepts=_BEFORE_HOOK_POINTS)]
 
 
 def decode_passes(spec: GraphSpec, kind: DecodeKind, cfg: HookedTransformerConfig, adapter: Adapter,

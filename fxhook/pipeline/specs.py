@@ -44,7 +44,10 @@ class GraphSpec:
 
 @dataclass(frozen=True)
 class DecodeKind:
-    """Which decode graph: static (preallocated cache, compiled decode) and/or fed with embeddings."""
+    """Which decode graph: static (preallocated cache, compiled decode) and/or fed with embeddings, and
+    whether it returns the last position's logits only (a prompt's: passes/last_position.py; its hooks
+    after the last block would see that one position, so it is for graphs with none live)."""
 
     static: bool = False
     embeds: bool = False
+    last_position: bool = False

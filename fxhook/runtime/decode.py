@@ -16,10 +16,12 @@ hook function at an already hooked point reuses the compiled code. The graph
 with no hook point, the common case, skips dynamo altogether
 (runtime/precompiled.py).
 
-The prompt runs through the same static graph (`Decoder.prefill_static`). With no hook point it
+The prompt runs through the static-cache step too (`Decoder.prefill_static`). With no hook point it
 runs compiled too: padded on the left to one of a few query lengths (`prefill_plan`), so a handful
 of compiled shapes serve every prompt length. Padding is masked like a batch's left padding
-(positions are counted from the mask), so it changes no value. A hooked prompt runs eagerly and
+(positions are counted from the mask), so it changes no value. Its graph is the static step's
+variant that unembeds the last position only (`DecodeKind(last_position=True)`, as HF's
+`logits_to_keep`): nothing else of the prompt's logits is read. A hooked prompt runs eagerly and
 unpadded: hooks see the prompt's own positions, as in eager generation.
 """
 from __future__ import annotations
@@ -58,8 +60,11 @@ def _guards_skipped(skip: bool):
 
 _STATIC_OPTIONS = CompileOptions("inductor", None, None)  # static shapes: each token has the same layouts
 # query lengths of a compiled prompt: a prompt is padded up to the next one; a longer prompt runs in
-# chunks of the last (its remainder first, padded). 1 is the decode step's own shape.
-PREFILL_SIZES = (1, 8, 16, 32, 64)
+# chunks of the last (its remainder first, padded). Each is at most 1.5x the one before, so the filler is
+# less than the prompt: a prompt's time grows about linearly with its positions (SmolLM2, one thread: 6
+# positions 209 ms, 8 positions 245 ms), and the first-token latency of a 6-token prompt fell from 0.90x to
+# 0.81x HF generate's when it stopped running 8. Each size used costs one compile per batch size.
+PREFILL_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
 def prefill_plan(length: int, sizes: tuple[int, ...] = PREFILL_SIZES) -> tuple[int, list[int]]:
@@ -162,22 +167,32 @@ class Decoder:
         embeds = None if embeds is None else _left_pad(embeds, padding)
         cache.filler = padding
         start = 0
-        for size in chunks:
+        for size in chunks:  # only the last chunk's last logits are read: no chunk unembeds the others
             piece = slice(start, start + size)
             logits = self.run_static(cache, tokens[:, piece], mask[:, piece],
-                                     None if embeds is None else embeds[:, piece], compiled=True)
+                                     None if embeds is None else embeds[:, piece], compiled=True,
+                                     last_position=True)
             start += size
         return logits[:, -1]
 
     def run_static(self, cache: StaticKVCache, tokens: torch.Tensor, mask: torch.Tensor,
-                   embeds: torch.Tensor | None = None, compiled: bool = False) -> torch.Tensor:
-        """Write tokens [b, q] (padding mask [b, q]) into the static cache -> logits [b, q, vocab]."""
+                   embeds: torch.Tensor | None = None, compiled: bool = False, last_position: bool = False
+                   ) -> torch.Tensor:
+        """Write tokens [b, q] (padding mask [b, q]) into the static cache -> logits [b, q, vocab]
+        ([b, 1, vocab] with `last_position`: the final norm and unembedding run for the last position only,
+        passes/last_position.py; for a graph with no hook point live, whose hooks after the last block
+        would otherwise see one position)."""
         spec = self.spec()
         if cache.keys[0].shape[1] != self.kv_heads(spec):
             raise ValueError("the static cache was made under other model flags: make a new one")
+        if last_position and spec.live_hooks:
+            raise ValueError(f"last_position=True runs the final norm and unembedding on the last position only, "
+                             f"which hooked points would see: remove the hooks on {sorted(spec.live_hooks)[:3]} "
+                             f"or pass last_position=False")
         check_context_length(self.cfg, cache.context_length(tokens.shape[1]))
         cache_position = cache.reserve(mask)
-        entry = self.graphs.decode(spec, DecodeKind(static=True, embeds=embeds is not None))
+        entry = self.graphs.decode(spec, DecodeKind(static=True, embeds=embeds is not None,
+                                                    last_position=last_position))
         extra = () if embeds is None else (embeds,)
         args = (tokens, cache.positions(tokens.shape[1]), cache.attention_mask, *cache.keys, *cache.values, *extra,
                 cache_position)
