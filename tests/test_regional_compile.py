@@ -5,12 +5,15 @@
 - compiled (torch's "aot_eager" backend: dynamo and AOT autograd, the steps a split could break):
   regional and whole-graph outputs equal eager, logits and cached activations;
 - counted: a new hook set compiles only the regions it changed (a backend that counts dynamo's graphs);
-- inductor in two fresh processes sharing a cache folder: the second compiles nothing (inductor's
-  FX-graph cache hits, counted) and still equals eager.
+- inductor in two fresh processes sharing a cache folder: the first saves one precompiled artifact per
+  distinct region, the second loads them and neither traces (dynamo) nor lowers (inductor) anything,
+  counted, and still equals eager, for another batch and length too;
+- the artifacts' keys (runtime/persisted_regions.py) change with what the guards do not check.
 """
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import subprocess
@@ -27,6 +30,8 @@ from torch.testing import assert_close
 from fxhook import HookedTransformer, pipeline
 from fxhook.passes.regions import HOOK_REGIONS, LIFTED, region_signature, regions_of
 from fxhook.pipeline import GraphSpec
+from fxhook.runtime.graphs import CompileOptions
+from fxhook.runtime.persisted_regions import FOLDER, artifact_key, persistable, python_sources, static_view
 from models import ModelSpec, build_hf_model
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -183,14 +188,17 @@ _CHILD = textwrap.dedent("""
     from models import ModelSpec, build_hf_model
     model = HookedTransformer.from_pretrained_no_processing(hf_model=build_hf_model(ModelSpec(*{spec!r})))
     tokens = torch.randint(2, 90, (2, 6), generator=torch.Generator().manual_seed(0))
+    other = torch.randint(2, 90, (3, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        eager = model(tokens)
+        eager, eager_other = model(tokens), model(other)
         model.compile()
-        compiled = model(tokens)
-    print(json.dumps({{"hit": counters["inductor"]["fxgraph_cache_hit"],
-                      "miss": counters["inductor"]["fxgraph_cache_miss"],
-                      "regions": model.graphs.regions.stats["compiled"],
-                      "diff": (compiled - eager).abs().max().item()}}))
+        compiled, compiled_other = model(tokens), model(other)
+    stats = model.graphs.regions.stats
+    print(json.dumps({{"saved": stats["saved"], "loaded": stats["loaded"], "regions": stats["compiled"],
+                      "traced": counters["stats"]["unique_graphs"],
+                      "lowered": counters["inductor"]["fxgraph_cache_miss"],
+                      "diff": max((compiled - eager).abs().max().item(),
+                                  (compiled_other - eager_other).abs().max().item())}}))
 """)
 
 
@@ -206,7 +214,74 @@ def _child(cache: Path) -> dict:
 
 def test_second_process_reuses_compiled_regions(tmp_path):
     first = _child(tmp_path)
-    assert first["regions"] == 3 and first["miss"] == 3 and first["hit"] == 0
+    # the embedding side, one block for both, the final side: each traced and saved once; the other
+    # batch and length run from the same code (dynamic sizes)
+    assert first["regions"] == 3 and first["saved"] == 3 and first["loaded"] == 0 and first["traced"] == 3
+    assert len(list((tmp_path / FOLDER).glob("*.bin"))) == 3
     second = _child(tmp_path)
-    assert second["regions"] == 3 and second["miss"] == 0 and second["hit"] == 3
+    assert second["regions"] == 3 and second["loaded"] == 3 and second["saved"] == 0
+    assert second["traced"] == 0 and second["lowered"] == 0  # dynamo traced nothing, inductor built nothing
     assert first["diff"] < 1e-5 and second["diff"] < 1e-5
+
+
+def test_artifact_keys_change_with_what_guards_do_not_check():
+    options = CompileOptions()
+    key = artifact_key("a" * 64, options)
+    assert key == artifact_key("a" * 64, CompileOptions())  # the same region and settings: the same files
+    assert key != artifact_key("b" * 64, options)  # another region graph
+    assert key != artifact_key("a" * 64, CompileOptions(dynamic=False))  # other compile settings
+    with torch._inductor.config.patch(cpp_wrapper=True):  # inductor's configuration
+        assert key != artifact_key("a" * 64, options)
+    with torch._dynamo.config.patch(specialize_int=True):  # dynamo's
+        assert key != artifact_key("a" * 64, options)
+    assert key != artifact_key("a" * 64, options, ["def f(x):\n    return x\n"])  # a called function's source
+    assert persistable(options) and not persistable(CompileOptions(backend="aot_eager"))
+    assert not persistable(CompileOptions(mode="reduce-overhead")) and not persistable(CompileOptions(dynamic=None))
+
+
+def test_static_view_marks_an_alias_not_the_model_tensor():
+    buffer, parameter = torch.arange(6.0), torch.nn.Parameter(torch.ones(3))
+    alias = static_view(buffer)
+    assert alias is not buffer and alias.data_ptr() == buffer.data_ptr()
+    assert alias._dynamo_static_indices == {0} and not hasattr(buffer, "_dynamo_static_indices")
+    buffer += 1  # an in-place edit of the model's tensor is seen through the alias
+    assert torch.equal(alias, buffer)
+    assert static_view(parameter) is parameter  # dynamo keeps a parameter's sizes static already
+
+
+def test_a_region_calling_python_code_is_keyed_by_its_source():
+    from fxhook.core import attention_math
+
+    graph = torch.fx.Graph()
+    q, k, v = (graph.placeholder(n) for n in "qkv")
+    graph.output(graph.call_function(attention_math.fused_attention, (q, k, v, None, 1.0, 1)))
+    region = torch.fx.GraphModule(torch.nn.Module(), graph)
+    assert python_sources(region) == [inspect.getsource(attention_math)]
+    sdpa = torch.fx.Graph()
+    q, k, v = (sdpa.placeholder(n) for n in "qkv")
+    sdpa.output(sdpa.call_function(torch.nn.functional.scaled_dot_product_attention, (q, k, v)))
+    assert python_sources(torch.fx.GraphModule(torch.nn.Module(), sdpa)) == []  # a torch op: torch's version
+
+
+def test_an_artifact_traced_through_changed_source_is_stale():
+    from torch._dynamo.package import InlinedSource, SourceInfo
+
+    from fxhook.core import attention_math
+    from fxhook.runtime.persisted_regions import _sources_unchanged
+
+    traced = SourceInfo(inlined_sources=set())
+    traced.add_code(attention_math.fused_attention.__code__)  # as dynamo records what it traced through
+    (source,) = traced.inlined_sources
+
+    class Artifact:  # what the check reads of a loaded function
+        def __init__(self, sources: set):
+            self.sources = sources
+
+        def source_info(self) -> SourceInfo:
+            return SourceInfo(inlined_sources=self.sources)
+
+    assert _sources_unchanged(Artifact({source}))
+    edited = InlinedSource(source.module, source.firstlineno, source.lastlineno, "0" * 64, source.content)
+    assert not _sources_unchanged(Artifact({edited}))  # the function's lines hash otherwise now
+    gone = InlinedSource("fxhook.no_such_module", 1, 2, source.checksum, "")
+    assert not _sources_unchanged(Artifact({gone}))

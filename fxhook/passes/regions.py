@@ -33,6 +33,7 @@ from fxhook.passes.placement import _explicit_region, _Regions
 
 LIFTED = "region_tensors"  # split gm.meta key: the paths of the tensors passed after the graph's own inputs
 HOOK_REGIONS = "hook_regions"  # split gm.meta key: the submodules that call hook points (run eagerly)
+LIFTED_PREFIX = "lifted_"  # the name of every lifted tensor's placeholder, in the split graph and its regions
 
 
 def lift_tensors(gm: fx.GraphModule) -> tuple[fx.GraphModule, tuple[str, ...]]:
@@ -46,7 +47,7 @@ def lift_tensors(gm: fx.GraphModule) -> tuple[fx.GraphModule, tuple[str, ...]]:
     paths: list[str] = []
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            env[node] = graph.placeholder(f"lifted_{len(paths)}")
+            env[node] = graph.placeholder(f"{LIFTED_PREFIX}{len(paths)}")
             env[node].meta = dict(node.meta)
             paths.append(str(node.target))
     for node in gm.graph.nodes:

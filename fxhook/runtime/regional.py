@@ -28,14 +28,17 @@ from torch import fx, nn
 from fxhook import pipeline
 from fxhook.adapter import Adapter
 from fxhook.passes.regions import LIFTED, region_signature, regions_of
+from fxhook.runtime.persisted_regions import PersistedRegion, persistable, static_view
 
 
 @dataclass
 class RegionCache:
     """The compiled code of each distinct region (signature and compile settings) of one model.
 
-    stats["compiled"]: regions handed to torch.compile (one per distinct signature and settings);
-    stats["reused"]: regions served from code compiled for another layer or graph."""
+    stats["compiled"]: distinct regions given compiled code (one per signature and settings);
+    stats["reused"]: regions served from code compiled for another layer or graph;
+    stats["loaded"] / ["saved"] / ["stale"]: artifacts loaded from / saved for other processes, or
+    dropped because the code they traced changed (runtime/persisted_regions.py)."""
 
     adapter: Adapter
     n_layers: int
@@ -51,8 +54,11 @@ class RegionCache:
             if key in self._compiled:
                 self.stats["reused"] += 1
             else:
-                self._compiled[key] = torch.compile(region, backend=options.backend, mode=options.mode,
-                                                    dynamic=options.dynamic)
+                if persistable(options):  # saved for later processes (runtime/persisted_regions.py)
+                    self._compiled[key] = PersistedRegion(region, signature, options, self.stats)
+                else:
+                    self._compiled[key] = torch.compile(region, backend=options.backend, mode=options.mode,
+                                                        dynamic=options.dynamic)
                 self.stats["compiled"] += 1
             return self._compiled[key]
 
@@ -84,10 +90,10 @@ class RegionalProgram:
             setattr(split, name, cache.compiled(region_signature(region), region, options))
         self.split = split
         self._holders = _holders(gm, split.meta[LIFTED])
+        self._persisted = persistable(options)  # its regions mark their static tensors themselves
 
     def __call__(self, *args: torch.Tensor) -> Any:
         tensors = [getattr(module, name) for module, name in self._holders]
-        for tensor in tensors:
-            if type(tensor) is not nn.Parameter:  # buffers, constants: fixed sizes, as parameters are to dynamo
-                torch._dynamo.mark_static(tensor)  # (a dynamic rotary table took the length's size, then recompiled)
+        if not self._persisted:  # buffers, constants: fixed sizes, as parameters are to dynamo
+            tensors = [static_view(t) for t in tensors]  # (a dynamic rotary table took the length's size)
         return self.split(*args, *tensors)
