@@ -80,8 +80,8 @@ def bench(title: str, hf: torch.nn.Module, length: int, repeats: int, with_tl: b
             tl = tl_model(hf)
         with torch.no_grad():
             _, tl_cache = tl.run_with_cache(clean)
-        times["resid_pre TransformerLens"], _ = seconds(
-            lambda: tl_patching.get_act_patch_resid_pre(tl, corrupted, tl_cache, metric), repeats)
+        times["resid_pre TransformerLens"], _ = seconds(  # one repeat: TransformerLens builds nothing first
+            lambda: tl_patching.get_act_patch_resid_pre(tl, corrupted, tl_cache, metric), 1)
     n = model.cfg.n_layers
     print(f"\n{title}: {n} layers, 1 x {length} tokens (seconds, best of {repeats})")
     for name, value in times.items():

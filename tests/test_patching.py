@@ -3,6 +3,7 @@ the corrupted one, a whole residual stream restores the clean run; and Transform
 patching functions give the same tensors on the same model."""
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import pytest
@@ -159,7 +160,8 @@ def test_reusing_the_prefix_equals_full_recomputation(pair, per_run):
 
 def test_position_runs_plan():
     """By-position passes: every patch once; a pass starts at its lowest layer and first position, packs only
-    consecutive layers' groups of the same positions, and holds at most per_run x length rows."""
+    consecutive layers' groups of the same positions, and holds at most per_run x length rows; a sweep of
+    GPT-2-small's shape (12 layers, 12 positions, 12 heads) needs at most 2 graphs per layer."""
     length, per_run = 6, 4
     rows = [(layer, pos) for layer in range(3) for pos in range(length)]
     runs = position_runs(rows, "resid_pre", per_run, length)
@@ -179,3 +181,8 @@ def test_position_runs_plan():
     # positions 0..3: 4 copies x 6 positions fill a pass: one per layer
     assert sorted(run.start for run in runs if run.first == 0) == [f"blocks.{layer}.hook_resid_pre" for layer in range(3)]
     assert layer_runs(rows, "resid_pre", per_run)[0].first == 0
+    for sweep_rows in (list(itertools.product(range(12), range(12))), list(itertools.product(range(12), range(12), range(12)))):
+        runs = position_runs(sweep_rows, "z", 8, 12)
+        assert sorted(number for run in runs for number, _ in run.members) == list(range(len(sweep_rows)))
+        assert len({(run.start, frozenset(run.by_hook("z"))) for run in runs}) <= 2 * 12
+        assert len(runs) < len(layer_runs(sweep_rows, "z", 8))  # packed

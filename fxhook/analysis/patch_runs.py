@@ -64,31 +64,33 @@ def position_runs(rows: Sequence[tuple[int, ...]], activation_name: str, per_run
     """Passes for patches [layer, pos, ...] that each change one position (pos in range(length)).
 
     Each layer's patches, by position, in groups of per_run; a group computes positions first.. only.
-    Groups of consecutive layers with the same positions are then merged while the merged pass holds
-    at most per_run * length rows (copies x positions computed), the size of one full-length pass of
-    per_run copies: short passes, which cost mostly the reading of the weights, become fewer."""
-    groups: list[tuple[int, int, list[Member]]] = []  # (layer, first, members)
+    Groups of the same positions in an aligned span of layers (span a power of two, starting at a multiple
+    of it) are then packed into one pass while it holds at most per_run * length rows (copies x positions
+    computed), the size of one full-length pass of per_run copies: short passes, which cost mostly the
+    reading of the weights, become fewer. Aligned spans keep the number of distinct passes (each its own
+    graph: a start and a set of hooked layers) under 2 per layer."""
     by_layer: dict[int, list[Member]] = {}
     for number, index in enumerate(rows):
         by_layer.setdefault(index[0], []).append((number, tuple(index)))
+    groups: dict[tuple[int, ...], dict[int, list[list[Member]]]] = {}  # positions -> layer -> its groups
     for layer in sorted(by_layer):
         members = sorted(by_layer[layer], key=lambda m: m[1][1])
         for i in range(0, len(members), per_run):
             group = members[i:i + per_run]
-            groups.append((layer, group[0][1][1], group))
-    budget = per_run * length
+            groups.setdefault(tuple(sorted({index[1] for _, index in group})), {}).setdefault(layer, []).append(group)
     runs: list[PatchRun] = []
-    growing: dict[tuple[int, ...], tuple[int, list[Member]]] = {}  # positions -> (last layer, members) of a pass
-    for layer, first, members in groups:
-        positions = tuple(sorted({index[1] for _, index in members}))
-        last, packed = growing.get(positions, (None, []))
-        if last == layer - 1 and (len(packed) + len(members)) * (length - first) <= budget:
-            growing[positions] = (layer, packed + members)
-            continue
-        if packed:
-            runs.append(_pass(activation_name, packed))
-        growing[positions] = (layer, members)
-    runs.extend(_pass(activation_name, packed) for _, packed in growing.values())
+    for positions, layers in groups.items():
+        rows_per_layer = max(len(group) for groups_there in layers.values() for group in groups_there)
+        span = 1
+        while 2 * span * rows_per_layer * (length - positions[0]) <= per_run * length:
+            span *= 2
+        packed: dict[int, list[Member]] = {}
+        for layer, groups_there in layers.items():
+            if span == 1 or len(groups_there) > 1:
+                runs.extend(_pass(activation_name, group) for group in groups_there)
+            else:
+                packed.setdefault(layer - layer % span, []).extend(groups_there[0])
+        runs.extend(_pass(activation_name, members) for _, members in sorted(packed.items()))
     return runs
 
 

@@ -273,9 +273,10 @@ class GraphStore:
             self._evict()
 
     def _evict(self) -> None:
-        # graphs resumed from a hook point (one per patched hook of a sweep) have their own allowance, one
-        # sweep over every layer, so a patching sweep neither evicts the hook sets' graphs nor its own
-        for resumed, limit in ((False, self.max_variants), (True, max(self.max_variants, self.cfg.n_layers + 2))):
+        # graphs resumed from a hook point (one per patched hook of a sweep, and per packed span of layers of a
+        # by-position sweep: analysis/patch_runs.py) have their own allowance, one sweep over every layer, so a
+        # patching sweep neither evicts the hook sets' graphs nor its own
+        for resumed, limit in ((False, self.max_variants), (True, max(self.max_variants, 2 * self.cfg.n_layers + 2))):
             keys = [key for key in self._recent if _resumed(key) == resumed]
             for key in keys[:max(0, len(keys) - limit)]:
                 _release_sources([_source_key(self._recent.pop(key).gm)])
