@@ -86,7 +86,7 @@ def bench(title: str, hf: torch.nn.Module, length: int, repeats: int, with_tl: b
     print(f"\n{title}: {n} layers, 1 x {length} tokens (seconds, best of {repeats})")
     for name, value in times.items():
         print(f"  {name:40} {value:8.3f}")
-    goals = [(f"resid_pre: full / reuse (limit 2n/(n+1) = {2 * n / (n + 1):.2f})",
+    goals = [(f"resid_pre: full / reuse (layers alone: at most {2 * n / (n + 1):.2f})",
               times["resid_pre full"] / times["resid_pre reuse"], 1.6),
              ("head_all_pos: full / reuse", times["head_all_pos full"] / times["head_all_pos reuse"], 1.4),
              ("head_by_pos: full / reuse", times["head_by_pos full"] / times["head_by_pos reuse"], 1.4),
