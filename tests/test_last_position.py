@@ -2,7 +2,7 @@
 its last position only and gives the HF model's own logits there, in every family; hooks after the last block
 never see the sliced values.
 
-GPT-2, Llama, every family of tests/families.py and the families of tests/family_models.py whose final side
+GPT-2, Llama, the families of tests/families.py (GPT-J ends as GPT-NeoX does) and the families of tests/family_models.py whose final side
 differs run the step eagerly (the pass's graph is what compiled decode compiles; test_batched_decode.py
 compares compiled and eager generation). One compiled prompt (Gemma 2: its final soft cap follows the unembedding) runs the padded,
 precompiled path.
@@ -24,11 +24,11 @@ from fxhook.pipeline import DecodeKind, GraphSpec, PassContractError, forward_pa
 from fxhook.pipeline.build import logits_passes
 from models import VOCAB, build_hf_model, left_padded_example, positions_for, stratum_example, stratum_fields
 
-# family -> where its test model is built: GPT-2 and Llama, every family of tests/families.py (parallel blocks,
+# family -> where its test model is built: GPT-2 and Llama, families of tests/families.py (parallel blocks,
 # partial rotary, learned offsets), and the ends that differ (Gemma 2's (1 + w) final norm and logit soft cap,
-# OLMo 2's post-norms, Mixtral's experts). Gemma, Qwen2, Qwen3 and Mistral end as one of these does.
-FAMILIES = {**{f: "models" for f in ("gpt2", "llama", "gpt_neox", "gptj", "opt", "phi")},
-            **{f: "family_models" for f in ("gemma2", "olmo2", "mixtral")}}
+# OLMo 2's post-norms). Gemma, Qwen2, Qwen3, Mistral, Mixtral and GPT-J end as one of these does.
+FAMILIES = {**{f: "models" for f in ("gpt2", "llama", "gpt_neox", "opt", "phi")},
+            **{f: "family_models" for f in ("gemma2", "olmo2")}}
 BATCH, LENGTH, MAX_LEN = 2, 7, 16
 
 
