@@ -12,7 +12,9 @@ from hypothesis import given, settings, strategies as st
 
 from fxhook import HookedTransformer
 from fxhook.analysis import patching
+from fxhook.analysis import patch_runs
 from fxhook.analysis.patch_runs import layer_runs, position_runs
+from fxhook.analysis.resume import run_resumed_after
 from models import NO_SHRINK, VOCAB, ModelSpec, build_hf_model, model_specs
 from tl_reference import tl_model
 from profiles import examples
@@ -157,6 +159,51 @@ def test_reusing_the_prefix_equals_full_recomputation(pair, per_run=3):
     assert not model.live_hooks()
 
 
+LAST_ONLY_SWEEPS = ("get_act_patch_resid_pre", "get_act_patch_attn_head_out_all_pos", "get_act_patch_attn_head_v_by_pos",
+                    "get_act_patch_attn_head_pattern_all_pos", "get_act_patch_mlp_out_all_pos")
+
+
+def test_last_position_metric(pair, monkeypatch, per_run=3):
+    """A metric that reads the last position only: every pass (by-position and all-position sweeps) unembeds
+    that position alone and the sweeps equal full recomputation. A metric whose reads depend on the values (an
+    earlier position once a patch moves the last logit) is given NaN there: those passes are recomputed whole,
+    with the same results as full recomputation."""
+    model, _ = pair
+    clean, corrupted = prompts(6, 3, 3)
+    clean, corrupted = clean.repeat(2, 1), corrupted.repeat(2, 1)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean)
+        threshold = float(model(corrupted)[0, -1, 3])
+    positions_computed = []
+
+    def spy(*args, **kwargs):
+        logits = run_resumed_after(*args, **kwargs)
+        positions_computed.append(logits.shape[1])
+        return logits
+    monkeypatch.setattr(patch_runs, "run_resumed_after", spy)
+    metric = lambda logits: (logits[:, -1, 3] - logits[:, -1, 4]).mean()  # noqa: E731
+    for name in LAST_ONLY_SWEEPS:
+        sweep = getattr(patching, name)
+        reused = sweep(model, corrupted, cache, metric, progress=False, patches_per_run=per_run)
+        full = sweep(model, corrupted, cache, metric, progress=False, reuse_prefix=False)
+        assert torch.allclose(reused, full, atol=1e-5), name
+    assert positions_computed and set(positions_computed) == {1}
+
+    branches = []
+
+    def shifting(logits: torch.Tensor) -> torch.Tensor:
+        moved = bool(abs(logits[0, -1, 3] - threshold) > 1e-4)
+        branches.append((moved, bool(logits[0, 0, 3].isnan())))
+        return logits[0, 0, 3] if moved else logits[0, -1, 3]
+    for name in ("get_act_patch_resid_pre", "get_act_patch_attn_head_out_all_pos"):
+        sweep = getattr(patching, name)
+        reused = sweep(model, corrupted, cache, shifting, progress=False, patches_per_run=per_run)
+        full = sweep(model, corrupted, cache, shifting, progress=False, reuse_prefix=False)
+        assert not reused.isnan().any() and torch.allclose(reused, full, atol=1e-5), name
+    assert (True, True) in branches  # an earlier position was read where NaN: that pass was recomputed
+    assert not model.live_hooks()
+
+
 def test_position_runs_plan():
     """By-position passes: every patch once; a pass starts at its lowest layer and first position, packs only
     consecutive layers' groups of the same positions, and holds at most per_run x length rows; a sweep of
@@ -180,6 +227,17 @@ def test_position_runs_plan():
     # positions 0..3: 4 copies x 6 positions fill a pass: one per layer
     assert sorted(run.start for run in runs if run.first == 0) == [f"blocks.{layer}.hook_resid_pre" for layer in range(3)]
     assert layer_runs(rows, "resid_pre", per_run)[0].first == 0
+    # all-position passes: a layer's remainder shares a pass with the next layer's first patches (12 heads, 8 a
+    # pass: 3 passes per 2 layers), never more than 2 layers in a pass
+    heads = list(itertools.product(range(12), range(12)))
+    runs = layer_runs(heads, "z", 8)
+    assert sorted(number for run in runs for number, _ in run.members) == list(range(len(heads)))
+    assert len(runs) == 18 and all(len(run.members) == 8 for run in runs)
+    for run in runs:
+        layers = sorted({index[0] for _, index in run.members})
+        assert run.start == f"blocks.{layers[0]}.attn.hook_z" and layers in ([layers[0]], [layers[0], layers[0] + 1])
+    assert len({(run.start, frozenset(run.by_hook("z"))) for run in runs}) <= 2 * 12
+    assert len(layer_runs([(layer, 0) for layer in (0, 1, 2, 5)], "z", 8)) == 3  # layers 0-1, 2, 5
     for sweep_rows in (list(itertools.product(range(12), range(12))), list(itertools.product(range(12), range(12), range(12)))):
         runs = position_runs(sweep_rows, "z", 8, 12)
         assert sorted(number for run in runs for number, _ in run.members) == list(range(len(sweep_rows)))

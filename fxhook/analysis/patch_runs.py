@@ -4,9 +4,10 @@ A sweep does several patches per forward pass, as copies of the input along the 
 (`PatchRun`) resumes at one hook point (`start`) and computes only what comes after it; a pass of
 patches that each change one position computes only the positions from the earliest of them on,
 reading the earlier positions' keys and values from the corrupted run's KV cache (attention is causal:
-positions before a patch keep their corrupted values). Such passes are small, so `position_runs` packs
-those of consecutive layers together (the pass resumes at the lowest layer, and a hook at each layer
-patches its own copies): one pass reads the weights once for all of them.
+positions before a patch keep their corrupted values). Short passes cost mostly the reading of the
+weights, so both planners put patches of consecutive layers in one pass (it resumes at the lowest layer,
+and a hook at each layer patches its own copies). When the metric reads the last position only
+(metric_reads.py), every pass unembeds that position alone (`CorruptedRun(last_only=True)`).
 """
 from __future__ import annotations
 
@@ -50,13 +51,34 @@ def copies(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def layer_runs(rows: Sequence[tuple[int, ...]], activation_name: str, per_run: int) -> list[PatchRun]:
-    """Passes of at most per_run patches, one layer (hook name) each, so a pass computes only what comes
-    after that hook; every position."""
+    """Passes of at most per_run patches (every position), in layer order; a pass resumes at its lowest layer's
+    hook and a hook at each of its layers patches its own copies. A layer's last few patches share a pass with
+    the next layer's first ones rather than make a short pass of their own (12 heads, 8 a pass: 3 passes per
+    2 layers, not 4), but a pass spans at most 2 layers (a copy computes at most one layer it did not need):
+    so a sweep has at most 2 graphs (a start and a set of hooked layers) per layer."""
     by_layer: dict[int, list[Member]] = {}
     for number, index in enumerate(rows):
         by_layer.setdefault(index[0], []).append((number, tuple(index)))
-    return [PatchRun(get_act_name(activation_name, layer), tuple(members[i:i + per_run]))
-            for layer, members in by_layer.items() for i in range(0, len(members), per_run)]
+    runs: list[PatchRun] = []
+    group: list[Member] = []
+
+    def close() -> None:
+        if group:
+            runs.append(PatchRun(get_act_name(activation_name, group[0][1][0]), tuple(group)))
+            group.clear()
+
+    for layer in sorted(by_layer):
+        pending = by_layer[layer]
+        if group and group[0][1][0] != layer - 1:
+            close()
+        while pending:
+            take = per_run - len(group)
+            group.extend(pending[:take])
+            pending = pending[take:]
+            if len(group) == per_run or (pending and group[0][1][0] != layer):
+                close()
+    close()
+    return runs
 
 
 def position_runs(rows: Sequence[tuple[int, ...]], activation_name: str, per_run: int, length: int
@@ -101,40 +123,49 @@ def _pass(activation_name: str, members: list[Member]) -> PatchRun:
 
 
 class CorruptedRun:
-    """The corrupted run, kept for passes that compute only the positions from their earliest patch on:
-    its logits, the activations those passes read, and its keys and values (a KV cache)."""
+    """The corrupted run, kept for passes that compute only the positions from their earliest patch on
+    (and, with last_only, unembed only the last position): its logits, the activations those passes read,
+    and its keys and values (a KV cache)."""
 
     def __init__(self, model: HookedTransformer, tokens: torch.Tensor, mask: torch.Tensor, runs: Sequence[PatchRun],
-                 activation_name: str):
-        self.model, self.tokens, self.mask = model, tokens, mask
+                 activation_name: str, last_only: bool = False):
+        self.model, self.tokens, self.mask, self.last_only = model, tokens, mask, last_only
         live = model.live_hooks()
         self.needed = {run: required_inputs(model, frozenset([run.start]),
-                                            live_hooks=live | set(run.by_hook(activation_name)), after_cache=True)
+                                            live_hooks=live | set(run.by_hook(activation_name)), after_cache=True,
+                                            last_position=last_only)
                        for run in runs}
         wanted = sorted({name for names in self.needed.values() for name in names})
         self.logits, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=wanted)
         self.activations = dict(cache.items())
         self.kv = model.init_kv_cache(tokens.shape[0])
-        model.decoder.run_growing(self.kv, tokens, mask)
+        if any(run.first for run in runs):
+            model.decoder.run_growing(self.kv, tokens, mask)
+        self.unread = torch.full_like(self.logits[:, :-1], float("nan"))  # what a last_only metric is given
 
     def logits_after(self, run: PatchRun) -> torch.Tensor:
         """Logits [copies * batch, pos - run.first, d_vocab] of the run's copies of the input at positions
-        run.first.., resumed at run.start (the hooks attached now fire)."""
+        run.first.. (the last position only: [copies * batch, 1, d_vocab] with last_only), resumed at
+        run.start (the hooks attached now fire)."""
         n, first = len(run.members), run.first
         past = KVCache([copies(k[:, :, :first], n) for k in self.kv.keys],
                        [copies(v[:, :, :first], n) for v in self.kv.values], copies(self.mask[:, :first], n))
         values = {name: copies(from_position(name, self.activations[name], first), n) for name in self.needed[run]}
-        return run_resumed_after(self.model, frozenset([run.start]), values, past,
-                                 copies(self.tokens[:, first:], n), copies(self.mask[:, first:], n))
+        return run_resumed_after(self.model, frozenset([run.start]), values, past, copies(self.tokens[:, first:], n),
+                                 copies(self.mask[:, first:], n), last_position=self.last_only)
 
     def whole(self, logits_after: torch.Tensor, first: int) -> torch.Tensor:
         """[batch, pos, d_vocab]: one copy's logits of the positions from `first` on, after the corrupted
-        run's logits of the earlier positions."""
+        run's logits of the earlier positions; with last_only, the last position's after NaN."""
+        if self.last_only:
+            return torch.cat([self.unread, logits_after.to(self.logits)], dim=1)
         return torch.cat([self.logits[:, :first], logits_after.to(self.logits)], dim=1)
 
 
 def from_position(name: str, value: torch.Tensor, first: int) -> torch.Tensor:
     """Activation `name` [batch, pos, ...] from position `first` on (along its position axis)."""
+    if first == 0:
+        return value
     axis = position_axis(name)
     if axis is None or "key_pos" in describe(name)[0]:
         raise ValueError(f"{name} is not a per-position activation: a pass over the later positions cannot read it")

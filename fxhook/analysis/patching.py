@@ -16,14 +16,18 @@ attribution.py and path_patching.py and are importable from here.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
 from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from fxhook.analysis.patch_runs import CorruptedRun, copies, layer_runs, position_runs
+from fxhook.analysis.metric_reads import reads_last_position_only
+from fxhook.analysis.patch_runs import CorruptedRun, PatchRun, copies, layer_runs, position_runs
 from fxhook.analysis.resume import required_inputs, run_resumed
+from fxhook.core import hook_names
 
 if TYPE_CHECKING:
     from fxhook.analysis.cache import ActivationCache
@@ -130,8 +134,10 @@ def generic_activation_patch(model: HookedTransformer, corrupted_tokens: torch.T
     positions holds proportionally more patches (from consecutive layers; patch_runs.py).
     reuse_prefix: run the corrupted input once, cache what each patched hook's downstream reads, and per
     run compute only the part of the model after the patched hook (`model.run_from`), and for a patch of
-    one position (the by-position sweeps) only the positions from it on; False recomputes the whole
-    forward for every run (the same results, slower).
+    one position (the by-position sweeps) only the positions from it on, and for a metric that reads the
+    last position only (metric_reads.py) the final norm and unembedding of that position alone (the metric
+    gets NaN at the others; a pass whose metric is then NaN is recomputed whole); False recomputes the
+    whole forward for every run (the same results, slower).
     """
     if isinstance(corrupted_tokens, str):
         corrupted_tokens = model.to_tokens(corrupted_tokens)
@@ -178,31 +184,45 @@ def generic_activation_patch(model: HookedTransformer, corrupted_tokens: torch.T
             return activation
         return hook
 
+    def hooks_of(run: PatchRun) -> list[tuple[str, Callable]]:
+        return [(name, patch(name, patches, run.first)) for name, patches in run.by_hook(activation_name).items()]
+
+    def recomputed(run: PatchRun) -> torch.Tensor:
+        """The run's logits [copies * batch, pos, d_vocab] by a whole forward of its copies."""
+        n, whole_run = len(run.members), dataclasses.replace(run, first=0)
+        return model.run_with_hooks(copies(tokens, n), attention_mask=copies(mask, n), fwd_hooks=hooks_of(whole_run))
+
     show = len(rows) > PROGRESS_FROM if progress is None else progress
     bar = tqdm(total=len(rows), desc=f"patching {activation_name}", disable=not show)
     with torch.no_grad(), model.graphs.eager():
         tokens, mask = model.input_to_tokens(corrupted_tokens, None, None, None)
-        if by_position:
-            corrupted_run = CorruptedRun(model, tokens, mask, runs, activation_name)
+        last_only = reuse_prefix and _last_position_suffices(model, tokens, mask, patching_metric)
+        resumed_after = by_position or last_only  # passes of the later positions, after the corrupted run's cache
+        if resumed_after:
+            corrupted_run = CorruptedRun(model, tokens, mask, runs, activation_name, last_only)
         elif reuse_prefix:
             corrupted = _corrupted_inputs(model, tokens, mask, {run.start for run in runs})
         for run in runs:
             n = len(run.members)
-            hooks = [(name, patch(name, patches, run.first)) for name, patches in run.by_hook(activation_name).items()]
-            if by_position:
-                with model.hooks(hooks):
+            if resumed_after:
+                with model.hooks(hooks_of(run)):
                     after = corrupted_run.logits_after(run)
             elif not reuse_prefix:
-                after = model.run_with_hooks(copies(tokens, n), attention_mask=copies(mask, n), fwd_hooks=hooks)
+                after = recomputed(run)
             else:
-                with model.hooks(hooks):
+                with model.hooks(hooks_of(run)):
                     needed = required_inputs(model, frozenset([run.start]))
                     values = {name: copies(corrupted[name], n) for name in needed}
                     after, _, _ = run_resumed(model, frozenset([run.start]), values, copies(tokens, n), copies(mask, n))
-            for copy, (number, index) in enumerate(run.members):
-                logits = after[copy * batch:(copy + 1) * batch]
-                logits = corrupted_run.whole(logits, run.first) if by_position else logits
-                results[index if index_df is None else number] = float(patching_metric(logits))
+            measured = [_metric_of(patching_metric, corrupted_run.whole(after[copy * batch:(copy + 1) * batch], run.first)
+                                 if resumed_after else after[copy * batch:(copy + 1) * batch])
+                      for copy in range(n)]
+            if last_only and any(math.isnan(value) for value in measured):
+                # the metric read a position it was given NaN at (its reads depend on the values): recompute
+                full = recomputed(run)
+                measured = [_metric_of(patching_metric, full[copy * batch:(copy + 1) * batch]) for copy in range(n)]
+            for (number, index), value in zip(run.members, measured):
+                results[index if index_df is None else number] = value
             bar.update(n)
     bar.close()
     if not return_index_df:
@@ -210,6 +230,19 @@ def generic_activation_patch(model: HookedTransformer, corrupted_tokens: torch.T
     import pandas as pd
 
     return results, pd.DataFrame(rows, columns=columns)
+
+
+def _metric_of(metric: Metric, logits: torch.Tensor) -> float:
+    return float(metric(logits))
+
+
+def _last_position_suffices(model: HookedTransformer, tokens: torch.Tensor, mask: torch.Tensor, metric: Metric
+                            ) -> bool:
+    """Whether passes may unembed the last position only: the metric reads nothing else (probed on the
+    corrupted run's logits: metric_reads.py) and no hook is live on the final norm or the unembedding."""
+    if any(hook_names.after_blocks(name) for name in model.live_hooks()):
+        return False
+    return reads_last_position_only(metric, model(tokens, attention_mask=mask))
 
 
 def _in_range(index: tuple[int, ...], length: int) -> tuple[int, ...]:

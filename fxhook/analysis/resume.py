@@ -37,16 +37,18 @@ def resume_spec(model: HookedTransformer, starts: frozenset[str], keep: frozense
 
 def required_inputs(model: HookedTransformer, starts: frozenset[str],
                     live_hooks: frozenset[str] | None | Literal["now"] = "now", after_cache: bool = False,
-                    **flags: bool) -> tuple[str, ...]:
+                    last_position: bool = False, **flags: bool) -> tuple[str, ...]:
     """The activations a run resuming from `starts` reads, in the order the graph takes them.
 
     They depend on which hooks are live (a layer whose pattern nobody reads runs fused attention and reads
     q, k and v instead of the pattern): by default those live now plus the starts, as a sweep that hooks
     its starts runs; live_hooks=None: every hook point and attention materialised everywhere, as the hook
-    graph sees the model. after_cache: those of a run of the positions after a KV cache (`run_resumed_after`)."""
+    graph sees the model. after_cache: those of a run of the positions after a KV cache (`run_resumed_after`,
+    with its `last_position`)."""
     live = model.live_hooks() | starts if live_hooks == "now" else live_hooks
     spec = dataclasses.replace(GraphSpec.from_cfg(model.cfg, live_hooks=live), resume_from=starts, **flags)
-    entry = model.graphs.decode(spec, DecodeKind()) if after_cache else model.graphs.forward(spec)
+    kind = DecodeKind(last_position=last_position)
+    entry = model.graphs.decode(spec, kind) if after_cache else model.graphs.forward(spec)
     return entry.gm.meta[RESUME_INPUTS]
 
 
@@ -109,8 +111,8 @@ def _resume_arguments(needed: Sequence[str], starts: frozenset[str], activations
 
 
 def run_resumed_after(model: HookedTransformer, starts: frozenset[str], activations: Mapping[str, torch.Tensor],
-                      past: KVCache, tokens: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None
-                      ) -> torch.Tensor:
+                      past: KVCache, tokens: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                      last_position: bool = False) -> torch.Tensor:
     """Logits [batch, pos, d_vocab] of the positions after `past`, resumed from `starts`.
 
     Attention is causal: a change at position p leaves every position before p as it was. So a run
@@ -119,8 +121,15 @@ def run_resumed_after(model: HookedTransformer, starts: frozenset[str], activati
     p, d_head] per layer and its mask [batch, p]). `activations` are those `required_inputs(...,
     after_cache=True)` lists, for the new positions only ([batch, pos - p, ...]); tokens and
     attention_mask too. Runs the model's growing-cache decode graph resumed from `starts` (eager).
+    last_position: the final norm and unembedding run for the last position only (logits [batch, 1,
+    d_vocab]; passes/last_position.py), for runs with no hook live after the last block.
     """
     spec = dataclasses.replace(GraphSpec.from_cfg(model.cfg, live_hooks=model.live_hooks()), resume_from=starts)
+    after_blocks = sorted(name for name in spec.live_hooks if hook_names.after_blocks(name))
+    if last_position and after_blocks:
+        raise ValueError(f"last_position=True runs the final norm and unembedding on the last position only, so "
+                         f"the hooks on {after_blocks} would see one position: remove them or pass "
+                         "last_position=False")
     if not isinstance(past, KVCache):
         raise TypeError(f"past must be a KVCache (model.init_kv_cache filled by a run), got {type(past).__name__}")
     heads = model.decoder.kv_heads(spec)
@@ -128,7 +137,7 @@ def run_resumed_after(model: HookedTransformer, starts: frozenset[str], activati
         raise ValueError(f"past holds {len(past.keys)} layers of keys with "
                          f"{past.keys[0].shape[1] if past.keys else 0} heads; this model has {model.cfg.n_layers} "
                          f"layers of {heads} key/value heads under its current flags: make the cache with it")
-    entry = model.graphs.decode(spec, DecodeKind())
+    entry = model.graphs.decode(spec, DecodeKind(last_position=last_position))
     values, tokens, attention_mask = _resume_arguments(entry.gm.meta[RESUME_INPUTS], starts, activations, tokens,
                                                        attention_mask)
     if past.batch_size != tokens.shape[0]:

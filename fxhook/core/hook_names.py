@@ -211,6 +211,13 @@ def is_residual_site(name: str) -> bool:
     return key_of(name) == "hook_resid_mid"
 
 
+def after_blocks(name: str) -> bool:
+    """A hook on the final norm or the unembedding: computed from the last block's residual, position by
+    position (what a graph that unembeds the last position only sees one position of)."""
+    kind = kind_of(name)
+    return kind is not None and kind.scope == "model" and kind.role in ("norm", "unembed")
+
+
 def position_axis(name: str) -> int | None:
     """The axis of a hook's activation that runs over positions (query positions for a pattern), counted
     from the batch axis at 0; None for a name the schema does not know."""
