@@ -159,8 +159,9 @@ def test_reusing_the_prefix_equals_full_recomputation(pair, per_run=3):
     assert not model.live_hooks()
 
 
-LAST_ONLY_SWEEPS = ("get_act_patch_resid_pre", "get_act_patch_attn_head_out_all_pos", "get_act_patch_attn_head_v_by_pos",
-                    "get_act_patch_attn_head_pattern_all_pos", "get_act_patch_mlp_out_all_pos")
+LAST_ONLY_SWEEPS = ("get_act_patch_resid_pre", "get_act_patch_attn_head_out_all_pos",
+                    "get_act_patch_attn_head_v_by_pos", "get_act_patch_attn_head_pattern_all_pos",
+                    "get_act_patch_mlp_out_all_pos")
 
 
 def test_last_position_metric(pair, monkeypatch, per_run=3):

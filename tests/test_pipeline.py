@@ -1,13 +1,15 @@
 """Each pass alone, on a small captured graph, for the guarantee it states; and the pass contracts."""
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 from torch import fx
 
 from fxhook import HookedTransformer
 from fxhook.core.attention_math import SDPA_FUNCTIONS
-from fxhook.core.graph import copy_graph_module, hook_markers, hook_point_nodes, output_node
+from fxhook.core.graph import copy_graph_module, finish, hook_markers, hook_point_nodes, output_node
 from fxhook.core.hook_point import HookPoint
 from fxhook.passes.expose_activations import ACTIVATION_NAMES, expose_activations
 from fxhook.passes.flag_hooks import drop_markers
@@ -146,6 +148,34 @@ def test_a_pass_that_breaks_its_promise_is_caught(captured):
     liar = Pass("claims to lower attention", lambda gm: gm, removes=frozenset({"attention"}))
     with pytest.raises(PassContractError, match="promises to remove"):
         run_passes(copy_graph_module(captured), [liar])
+
+
+def test_a_pass_list_regenerates_the_code_once(monkeypatch):
+    """Passes rewrite the graph; `run_passes` regenerates the module's code once, after the last (a
+    12-layer graph's code takes ~50 ms to generate), and the code then does what every pass made it do;
+    outside a pass list, `finish` regenerates it at once."""
+    class Affine(torch.nn.Module):
+        def forward(self, x):
+            return (x + 2) * 3
+
+    def retarget(old, new):
+        def rewrite(gm: fx.GraphModule) -> fx.GraphModule:
+            for node in gm.graph.nodes:
+                if node.target is old:
+                    node.target = new
+            return finish(gm)
+        return rewrite
+
+    regenerated = []
+    recompile = fx.GraphModule.recompile
+    monkeypatch.setattr(fx.GraphModule, "recompile", lambda gm: regenerated.append(gm) or recompile(gm))
+    gm = fx.symbolic_trace(Affine())
+    regenerated.clear()
+    gm = run_passes(gm, [Pass("add to sub", retarget(operator.add, operator.sub)),
+                         Pass("mul to add", retarget(operator.mul, operator.add))])
+    assert len(regenerated) == 1 and gm(torch.tensor([5.0])).item() == 6.0  # (5 - 2) + 3
+    gm = retarget(operator.add, operator.mul)(gm)
+    assert len(regenerated) == 2 and gm(torch.tensor([5.0])).item() == 9.0  # (5 - 2) * 3
 
 
 def test_recipe_new_pass(model, captured):

@@ -214,13 +214,13 @@ def generic_activation_patch(model: HookedTransformer, corrupted_tokens: torch.T
                     needed = required_inputs(model, frozenset([run.start]))
                     values = {name: copies(corrupted[name], n) for name in needed}
                     after, _, _ = run_resumed(model, frozenset([run.start]), values, copies(tokens, n), copies(mask, n))
-            measured = [_metric_of(patching_metric, corrupted_run.whole(after[copy * batch:(copy + 1) * batch], run.first)
-                                 if resumed_after else after[copy * batch:(copy + 1) * batch])
-                      for copy in range(n)]
+            per_copy = after.split(batch)  # [batch, pos, d_vocab] each
+            if resumed_after:
+                per_copy = [corrupted_run.whole(logits, run.first) for logits in per_copy]
+            measured = [float(patching_metric(logits)) for logits in per_copy]
             if last_only and any(math.isnan(value) for value in measured):
                 # the metric read a position it was given NaN at (its reads depend on the values): recompute
-                full = recomputed(run)
-                measured = [_metric_of(patching_metric, full[copy * batch:(copy + 1) * batch]) for copy in range(n)]
+                measured = [float(patching_metric(logits)) for logits in recomputed(run).split(batch)]
             for (number, index), value in zip(run.members, measured):
                 results[index if index_df is None else number] = value
             bar.update(n)
@@ -230,10 +230,6 @@ def generic_activation_patch(model: HookedTransformer, corrupted_tokens: torch.T
     import pandas as pd
 
     return results, pd.DataFrame(rows, columns=columns)
-
-
-def _metric_of(metric: Metric, logits: torch.Tensor) -> float:
-    return float(metric(logits))
 
 
 def _last_position_suffices(model: HookedTransformer, tokens: torch.Tensor, mask: torch.Tensor, metric: Metric

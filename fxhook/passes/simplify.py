@@ -21,7 +21,7 @@ import torch
 from torch import fx
 
 from fxhook.core.attention_math import SDPA_FUNCTIONS, additive_mask
-from fxhook.core.graph import finish
+from fxhook.core.graph import finish, regenerate
 
 aten = torch.ops.aten
 _FULL = 2 ** 62  # a slice end at least this large means "to the end"
@@ -241,5 +241,4 @@ def flat_attributes(gm: fx.GraphModule) -> fx.GraphModule:
             object.__setattr__(gm, flat, value)  # not registered: a plain attribute
             names[node.target] = flat
         node.target = names[node.target]
-    gm.recompile()
-    return gm
+    return regenerate(gm)

@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 
 from torch import fx
 
-from fxhook.core.graph import hook_point_nodes
+from fxhook.core.graph import deferred_code, hook_point_nodes
 from fxhook.core.kv_ops import DECODE_MASK, KV_APPEND
 from fxhook.core.ops import attention_op, hook_op
 
@@ -62,7 +62,15 @@ class Pass:
 
 
 def run_passes(gm: fx.GraphModule, passes: Iterable[Pass], graph_kind: str = "graph") -> fx.GraphModule:
-    """Apply `passes` in order, checking each one's contract before and after it runs."""
+    """Apply `passes` in order, checking each one's contract before and after it runs; the module's code is
+    regenerated once, after the last (no pass runs the module: they read and rewrite its graph)."""
+    with deferred_code():
+        gm = _run_checked(gm, passes, graph_kind)
+    gm.recompile()
+    return gm
+
+
+def _run_checked(gm: fx.GraphModule, passes: Iterable[Pass], graph_kind: str) -> fx.GraphModule:
     for p in passes:
         extra = form_of(gm) - p.accepts
         if extra:
