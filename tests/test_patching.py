@@ -15,6 +15,7 @@ from fxhook.analysis import patching
 from fxhook.analysis import patch_runs
 from fxhook.analysis.patch_runs import layer_runs, position_runs
 from fxhook.analysis.resume import run_resumed_after
+from family_models import FAMILIES, build_family_model, family_specs
 from models import NO_SHRINK, VOCAB, ModelSpec, build_hf_model, model_specs
 from tl_reference import tl_model
 from profiles import examples
@@ -203,6 +204,27 @@ def test_last_position_metric(pair, monkeypatch, per_run=3):
         assert not reused.isnan().any() and torch.allclose(reused, full, atol=1e-5), name
     assert (True, True) in branches  # an earlier position was read where NaN: that pass was recomputed
     assert not model.live_hooks()
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "gptj", "opt", "phi", "gemma", "gemma2", "qwen3", "olmo2", "mixtral"])
+@settings(max_examples=examples(1), phases=NO_SHRINK)
+@given(data=st.data())
+def test_last_position_sweeps_in_every_family(family, data):
+    """The families test_patching_properties does not draw (parallel blocks, partial rotary, soft caps,
+    sliding windows, post-norms, experts): a last-position metric's sweeps, whose passes run the resumed
+    decode graph that unembeds the last position only, equal full recomputation."""
+    spec = data.draw(family_specs(family) if family in FAMILIES else model_specs(families=(family,)), label="spec")
+    hf = build_family_model(spec) if family in FAMILIES else build_hf_model(spec)
+    model = HookedTransformer.from_pretrained_no_processing(hf_model=hf)
+    clean, corrupted = prompts(5, spec.seed, 2)
+    metric = metric_for(3, 4)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean)
+    for name in LAST_ONLY_SWEEPS:
+        sweep = getattr(patching, name)
+        reused = sweep(model, corrupted, cache, metric, progress=False, patches_per_run=3)
+        full = sweep(model, corrupted, cache, metric, progress=False, reuse_prefix=False)
+        assert torch.allclose(reused, full, atol=1e-5), name
 
 
 def test_position_runs_plan():

@@ -18,7 +18,7 @@ import einops
 import torch
 
 from fxhook.analysis.resume import required_inputs, run_resumed_after
-from fxhook.core.hook_names import describe, get_act_name, position_axis
+from fxhook.core.hook_names import get_act_name, position_axis
 from fxhook.runtime.kv_cache import KVCache
 
 if TYPE_CHECKING:
@@ -163,10 +163,12 @@ class CorruptedRun:
 
 
 def from_position(name: str, value: torch.Tensor, first: int) -> torch.Tensor:
-    """Activation `name` [batch, pos, ...] from position `first` on (along its position axis)."""
+    """Activation `name` [batch, pos, ...] from position `first` on, along its position axis: for a pattern or
+    scores [batch, head, query_pos, key_pos] the rows of the queries from `first` on, every key kept (what a
+    pass of those positions after a KV cache of the earlier ones computes)."""
     if first == 0:
         return value
     axis = position_axis(name)
-    if axis is None or "key_pos" in describe(name)[0]:
+    if axis is None:
         raise ValueError(f"{name} is not a per-position activation: a pass over the later positions cannot read it")
     return value.narrow(axis, first, value.shape[axis] - first)
