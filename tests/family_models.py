@@ -13,7 +13,8 @@ import torch
 import transformers
 from hypothesis import strategies as st
 
-from models import VOCAB, ModelSpec, randomise_biases, randomise_norms, stratum_fields
+from models import VOCAB, ModelSpec, build_hf_model, model_specs, randomise_biases, randomise_norms, \
+    stratum_fields
 from support import note_family
 
 FAMILIES = ("gemma", "gemma2", "qwen3", "olmo2", "mixtral", "mistral", "qwen2")
@@ -119,3 +120,17 @@ def family_specs(draw, family: str, stratum: str = "free") -> FamilySpec:
         d_mlp=draw(st.sampled_from([16, 40])), bias=FIXED_BIAS.get(family, draw(st.booleans())),
         tied=draw(st.booleans()), seed=draw(st.integers(0, 2**16)), **extra)
 
+
+
+# the families `models.model_specs` does not draw by default (it draws gpt2, llama, mistral, qwen2)
+OTHER_FAMILIES = ("gpt_neox", "gptj", "opt", "phi", "gemma", "gemma2", "qwen3", "olmo2", "mixtral")
+
+
+def specs_of(family: str) -> st.SearchStrategy:
+    """Random specs of any family: `family_specs` for this module's families, `model_specs` for the others."""
+    return family_specs(family) if family in FAMILIES else model_specs(families=(family,))
+
+
+def build_any_model(spec: ModelSpec) -> torch.nn.Module:
+    """The random HF model of a spec from `specs_of`."""
+    return build_family_model(spec) if isinstance(spec, FamilySpec) else build_hf_model(spec)

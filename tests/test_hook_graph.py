@@ -3,11 +3,13 @@ other hook point held fixed (checked by perturbation), labelled by path kind; do
 cut follow from it; small models draw."""
 from __future__ import annotations
 
+import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given, settings, strategies as st
 
 from fxhook import HookedTransformer
 from fxhook.analysis.hook_graph import downstream, draw_hook_graph, resume_inputs
+from family_models import OTHER_FAMILIES, build_any_model, specs_of
 from models import NO_SHRINK, ModelSpec, build_hf_model, model_specs
 from profiles import examples
 
@@ -19,6 +21,8 @@ def direct_effects(model: HookedTransformer, tokens: torch.Tensor, source: str,
     changed: set[str] = set()
 
     def perturb(x, hook):
+        if not x.is_floating_point():  # routing: each token to the next expert
+            return (x + 1) % model.cfg.num_experts
         return x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
 
     def hold(x, hook):
@@ -35,8 +39,34 @@ def direct_effects(model: HookedTransformer, tokens: torch.Tensor, source: str,
 @settings(max_examples=examples(3), phases=NO_SHRINK, deadline=None)
 @given(spec=model_specs().filter(lambda s: s.n_layers <= 2))
 def test_edges_are_the_direct_effects(spec):
+    check_edges_are_the_direct_effects(spec)
+
+
+# A known defect, open in #16: GPT-NeoX's fused q/k/v is hooked by unbinding it and stacking the hooked parts
+# back, so the graph (which follows tensors, not their slices) draws ln1 -> hook_rot_q / hook_rot_k edges that
+# carry no value. Strict: this test fails once that is fixed, and the mark must go.
+_FUSED_QKV_RESTACK = pytest.mark.xfail(strict=True, reason="spurious ln1 -> rot_q/rot_k edges through the "
+                                       "restacked fused q/k/v (known defect, issue 16)")
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, marks=_FUSED_QKV_RESTACK) if f == "gpt_neox" else f
+                                    for f in OTHER_FAMILIES])
+@settings(max_examples=examples(1), phases=NO_SHRINK, deadline=None)
+@given(data=st.data())
+def test_edges_are_the_direct_effects_in_every_family(family, data):
+    """The same property in the families model_specs does not draw. Mixtral with top_k >= 2: with one expert
+    per token its routing weight is renormalised to exactly 1, so the expert-weights -> mlp_out edge (there in
+    the computation) moves nothing a perturbation could see."""
+    spec = data.draw(specs_of(family).filter(lambda s: s.n_layers <= 2 and getattr(s, "top_k", 2) >= 2),
+                     label="spec")
+    check_edges_are_the_direct_effects(spec)
+
+
+def check_edges_are_the_direct_effects(spec) -> None:
+    """Every edge A -> B of the hook graph is a pair where editing A changes B with no hook between, and
+    every such pair is an edge (perturbation, hook by hook)."""
     torch.set_num_threads(1)
-    model = HookedTransformer.from_pretrained_no_processing(hf_model=build_hf_model(spec))
+    model = HookedTransformer.from_pretrained_no_processing(hf_model=build_any_model(spec))
     tokens = torch.randint(2, 90, (1, 5), generator=torch.Generator().manual_seed(spec.seed))
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens)

@@ -15,7 +15,7 @@ from fxhook.analysis import patching
 from fxhook.analysis import patch_runs
 from fxhook.analysis.patch_runs import layer_runs, position_runs
 from fxhook.analysis.resume import run_resumed_after
-from family_models import FAMILIES, build_family_model, family_specs
+from family_models import OTHER_FAMILIES, build_any_model, specs_of
 from models import NO_SHRINK, VOCAB, ModelSpec, build_hf_model, model_specs
 from tl_reference import tl_model
 from profiles import examples
@@ -206,16 +206,15 @@ def test_last_position_metric(pair, monkeypatch, per_run=3):
     assert not model.live_hooks()
 
 
-@pytest.mark.parametrize("family", ["gpt_neox", "gptj", "opt", "phi", "gemma", "gemma2", "qwen3", "olmo2", "mixtral"])
+@pytest.mark.parametrize("family", OTHER_FAMILIES)
 @settings(max_examples=examples(1), phases=NO_SHRINK)
 @given(data=st.data())
 def test_last_position_sweeps_in_every_family(family, data):
     """The families test_patching_properties does not draw (parallel blocks, partial rotary, soft caps,
     sliding windows, post-norms, experts): a last-position metric's sweeps, whose passes run the resumed
     decode graph that unembeds the last position only, equal full recomputation."""
-    spec = data.draw(family_specs(family) if family in FAMILIES else model_specs(families=(family,)), label="spec")
-    hf = build_family_model(spec) if family in FAMILIES else build_hf_model(spec)
-    model = HookedTransformer.from_pretrained_no_processing(hf_model=hf)
+    spec = data.draw(specs_of(family), label="spec")
+    model = HookedTransformer.from_pretrained_no_processing(hf_model=build_any_model(spec))
     clean, corrupted = prompts(5, spec.seed, 2)
     metric = metric_for(3, 4)
     with torch.no_grad():

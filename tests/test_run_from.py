@@ -12,6 +12,7 @@ from fxhook.analysis.hook_graph import downstream, resume_inputs
 from fxhook.analysis.resume import required_inputs
 from fxhook.core.hook_names import describe, position_axis
 from fxhook.passes.resume_from import RESUME_INPUTS, resume_from
+from family_models import OTHER_FAMILIES, build_any_model, specs_of
 from models import NO_SHRINK, ModelSpec, build_hf_model, left_padded_batches, model_specs
 from profiles import examples
 
@@ -20,8 +21,23 @@ from profiles import examples
 @given(spec=model_specs().filter(lambda s: s.n_layers <= 2), batch=left_padded_batches(max_batch=2, max_len=7),
        data=st.data())
 def test_resume_from_any_hook_reproduces_the_run(spec, batch, data):
+    check_resume_from_any_hook(spec, batch, data)
+
+
+@pytest.mark.parametrize("family", OTHER_FAMILIES)
+@settings(max_examples=examples(1), phases=NO_SHRINK, deadline=None)
+@given(batch=left_padded_batches(max_batch=2, max_len=7), data=st.data())
+def test_resume_from_any_hook_in_every_family(family, batch, data):
+    """The same property in the families model_specs does not draw."""
+    check_resume_from_any_hook(data.draw(specs_of(family).filter(lambda s: s.n_layers <= 2), label="spec"), batch,
+                               data)
+
+
+def check_resume_from_any_hook(spec, batch, data) -> None:
+    """Resuming from drawn hook points (the whole run, and after a KV cache of a drawn prefix) reproduces the
+    full run's logits and later hooks to 1e-5; the pass's cut is the hook graph's for every hook point."""
     torch.set_num_threads(1)
-    model = HookedTransformer.from_pretrained_no_processing(hf_model=build_hf_model(spec))
+    model = HookedTransformer.from_pretrained_no_processing(hf_model=build_any_model(spec))
     tokens, mask = batch
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, attention_mask=mask)
