@@ -11,7 +11,8 @@ def _for_config(hf_config) -> Adapter:
                                for_config=None)
 
 
-# q, k, v: chunks of the fused query_key_value output, laid out [heads, (q k v), d_head]
+# q, k, v: chunks of the fused query_key_value output, laid out [heads, (q k v), d_head]. Pre-rotary q / k
+# are hooked where the model has split them, on apply_rotary_pos_emb's arguments: no module outputs them alone
 _QKV = dict(n_chunks=3, interleaved=True)
 
 NEOX = Adapter(
@@ -24,8 +25,7 @@ NEOX = Adapter(
     norms=Norms("layernorm", ln1="input_layernorm", ln2="post_attention_layernorm"),
     attention=Attention(
         "attention",
-        q_site=Site("attention.query_key_value", chunk=0, **_QKV),  # pre-rotary q and k
-        k_site=Site("attention.query_key_value", chunk=1, **_QKV),
+        rotary_fn="apply_rotary_pos_emb",
         q_proj=Projection("attention.query_key_value", chunk=0, **_QKV),
         k_proj=Projection("attention.query_key_value", chunk=1, **_QKV),
         v_proj=Projection("attention.query_key_value", chunk=2, **_QKV),

@@ -41,11 +41,6 @@ class Site:
     module: str
     side: Literal["output", "input"] = "output"
     split_heads: bool = False  # the tensor is [b, p, heads * d_head]: mark as [b, p, heads, d_head]
-    # a slice of a fused output (GPT-NeoX's query_key_value): chunk `chunk` of `n_chunks`, laid out
-    # [n_chunks, heads, d_head] along the last axis, or [heads, n_chunks, d_head] when interleaved
-    chunk: int = 0
-    n_chunks: int = 1
-    interleaved: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,6 +103,9 @@ class Attention:
     # pre-rotary q/k of the model; None: marked inside attention (where HF's attention receives them)
     q_site: Site | None = None
     k_site: Site | None = None
+    # or, where no module outputs q and k alone (a fused q/k/v projection, GPT-NeoX): the function HF calls
+    # with the pre-rotary (q, k) [b, heads, p, d_head] first, a global of the attention's Python module
+    rotary_fn: str | None = None
     # projections, for weight views and per-head rewrites
     q_proj: Projection | None = None
     k_proj: Projection | None = None
@@ -237,17 +235,18 @@ POSITIONAL_KINDS: tuple[str, ...] = get_args(PositionalKind)
 _PARTS = {"positions": Positions, "norms": Norms, "attention": Attention, "feed_forward": FeedForward}
 
 
-def _slice_problems(name: str, part: Site | Projection) -> list[str]:
-    """A site or projection slices a fused output sensibly (and an input site is not sliced)."""
+def _part_problems(name: str, part: Site | Projection) -> list[str]:
+    """A projection slices a fused output sensibly; a site marks a module's output, or its input unsplit."""
+    if isinstance(part, Site):
+        if part.side not in ("output", "input"):
+            return [f"{name} has side={part.side!r} (expected 'output' or 'input')"]
+        return [f"{name} marks a module's input, which is not split into heads"] if (
+            part.side == "input" and part.split_heads) else []
     out = []
     if part.n_chunks < 1 or not 0 <= part.chunk < part.n_chunks:
         out.append(f"{name} takes chunk {part.chunk} of n_chunks={part.n_chunks}")
     if part.interleaved and part.n_chunks == 1:
         out.append(f"{name} is interleaved but not fused (n_chunks=1)")
-    if isinstance(part, Site) and part.side not in ("output", "input"):
-        out.append(f"{name} has side={part.side!r} (expected 'output' or 'input')")
-    if isinstance(part, Site) and part.side == "input" and (part.split_heads or part.n_chunks > 1):
-        out.append(f"{name} marks a module's input, which is neither split into heads nor sliced")
     return out
 
 
@@ -308,6 +307,9 @@ def adapter_problems(a: Adapter) -> list[str]:
     if not _given_together({"q_site": attn.q_site, "k_site": attn.k_site}):
         out.append("q_site and k_site are given together or not at all (else one of hook_q / hook_k is "
                    "marked twice or never)")
+    if attn.rotary_fn is not None and (attn.q_site is not None or not pos.rotary):
+        out.append("rotary_fn marks pre-rotary q / k on a rotary model with no q_site / k_site (else they are "
+                   "marked twice, or nothing applies rotary)")
     projections = {f"{x}_proj": getattr(attn, f"{x}_proj") for x in "qkvo"}
     if not _given_together(projections):
         missing = sorted(k for k, v in projections.items() if v is None)
@@ -328,13 +330,13 @@ def adapter_problems(a: Adapter) -> list[str]:
         if dense or ff.gated:
             out.append(f"a mixture-of-experts MLP has no dense MLP sites or projections, got "
                        f"{dense + (['gated'] if ff.gated else [])}")
-    # fused slices
+    # sites and fused slices
     sliced = {f"attention.{n}": getattr(attn, n) for n in ("q_site", "k_site", *projections)}
     sliced |= {f"feed_forward.{n}": getattr(ff, n) for n in ("pre_site", "pre_linear_site", "post_site", "in_proj",
                                                             "gate_proj", "out_proj")}
     for name, part in sliced.items():
         if part is not None:
-            out.extend(_slice_problems(name, part))
+            out.extend(_part_problems(name, part))
     if a.for_config is not None and not callable(a.for_config):
         out.append("for_config must be callable (hf_config -> Adapter)")
     return out

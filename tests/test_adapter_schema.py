@@ -101,11 +101,17 @@ BROKEN = {
         GPT2, lambda: _parts(GPT2, "attention", v_proj=Projection("attn.c_attn", "conv1d", chunk=3, n_chunks=3)),
         "attention.v_proj takes chunk 3 of n_chunks=3"),
     "interleaved but not fused": (
-        LLAMA, lambda: _parts(LLAMA, "attention", q_site=Site("self_attn.q_proj", interleaved=True)),
-        r"attention.q_site is interleaved but not fused \(n_chunks=1\)"),
+        LLAMA, lambda: _parts(LLAMA, "attention", q_proj=Projection("self_attn.q_proj", interleaved=True)),
+        r"attention.q_proj is interleaved but not fused \(n_chunks=1\)"),
+    "rotary_fn and q_site": (
+        LLAMA, lambda: _parts(LLAMA, "attention", rotary_fn="apply_rotary_pos_emb"),
+        "rotary_fn marks pre-rotary q / k on a rotary model with no q_site"),
+    "rotary_fn without rotary": (
+        GPT2, lambda: _parts(GPT2, "attention", rotary_fn="apply_rotary_pos_emb"),
+        "rotary_fn marks pre-rotary q / k on a rotary model"),
     "split input site": (
         LLAMA, lambda: _parts(LLAMA, "feed_forward", post_site=Site("mlp.down_proj", side="input", split_heads=True)),
-        "feed_forward.post_site marks a module's input, which is neither split into heads nor sliced"),
+        "feed_forward.post_site marks a module's input, which is not split into heads"),
     "empty path": (
         LLAMA, lambda: replace(LLAMA, blocks=""),
         "path blocks is empty"),

@@ -60,7 +60,8 @@ def _mark_tokens(x: torch.Tensor, tokens: list[tuple[int, int]], name: str) -> t
 def _router_forward(tokens: list[tuple[int, int]], layer: int, spec: Experts):
     def forward(router: nn.Module, x: torch.Tensor):  # x: [b * p, d_model]
         logits = F.linear(x.reshape(-1, x.shape[-1]), router.weight)  # [b * p, n_experts]
-        probs = _mark_tokens(torch.softmax(logits.float(), dim=-1), tokens, hn.block_hook(layer, "mlp.hook_expert_weights"))
+        probs = _mark_tokens(torch.softmax(logits.float(), dim=-1), tokens,
+                             hn.block_hook(layer, "mlp.hook_expert_weights"))
         weights, indices = torch.topk(probs, router.top_k, dim=-1)  # [b * p, k]
         if spec.normalise_top_k:
             weights = weights / weights.sum(dim=-1, keepdim=True)

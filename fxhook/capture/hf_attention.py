@@ -83,7 +83,7 @@ def _heads_last(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2)  # [b, h, p, d] <-> [b, p, h, d]
 
 
-def _mark_heads(x: torch.Tensor, name: str) -> torch.Tensor:
+def mark_heads(x: torch.Tensor, name: str) -> torch.Tensor:
     """Mark a [b, h, p, d] tensor as the [b, p, h, d] hook `name`."""
     return _heads_last(hook_marker(_heads_last(x), name))
 
@@ -103,12 +103,12 @@ def fxhook_attention(module, query, key, value, attention_mask, scaling=None, dr
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     if settings.mark_qk_here:
-        query = _mark_heads(query, hook_names.block_hook(layer, "attn.hook_q"))
-        key = _mark_heads(key, hook_names.block_hook(layer, "attn.hook_k"))
+        query = mark_heads(query, hook_names.block_hook(layer, "attn.hook_q"))
+        key = mark_heads(key, hook_names.block_hook(layer, "attn.hook_k"))
     if settings.mark_rotated:
-        query = _mark_heads(query, hook_names.block_hook(layer, "attn.hook_rot_q"))
-        key = _mark_heads(key, hook_names.block_hook(layer, "attn.hook_rot_k"))
-    value = _mark_heads(value, hook_names.block_hook(layer, "attn.hook_v"))
+        query = mark_heads(query, hook_names.block_hook(layer, "attn.hook_rot_q"))
+        key = mark_heads(key, hook_names.block_hook(layer, "attn.hook_rot_k"))
+    value = mark_heads(value, hook_names.block_hook(layer, "attn.hook_v"))
     key, value, attention_mask = _decode_inputs(settings.decode, layer, query, key, value, attention_mask,
                                                 sliding_window)
     if attention_mask is not None and attention_mask.dtype != torch.bool:

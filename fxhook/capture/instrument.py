@@ -16,8 +16,9 @@ from torch import nn
 
 from fxhook.adapter import Adapter, Site, get_module
 from fxhook.capture import hf_attention
-from fxhook.capture.block_layout import TokenShape, mark_fused_chunk
+from fxhook.capture.block_layout import TokenShape
 from fxhook.capture.block_extras import install_block_extras
+from fxhook.capture.rotary_args import rotary_inputs_marked
 from fxhook.capture.norms import hooked_norm
 from fxhook.core import hook_names as hn
 from fxhook.core.ops import hook_marker
@@ -78,11 +79,7 @@ class _Instrumenter:
 
     def mark_site(self, block: nn.Module, site: Site, name: str, heads: int) -> None:
         module = get_module(block, site.module)
-        if site.side == "output" and site.n_chunks > 1:
-            def hook(_mod, _args, output):
-                return _replace_first(output, mark_fused_chunk(_first_tensor(output), site, name, heads))
-            self.handles.append(module.register_forward_hook(hook))
-        elif site.side == "output":
+        if site.side == "output":
             self.mark_output(module, name, heads if site.split_heads else None)
         else:
             self.mark_input(module, (name,))
@@ -200,8 +197,14 @@ def instrumented(hf_model: nn.Module, adapter: Adapter, n_heads: int, n_kv_heads
     hf_attention.register()
     previous_impl = hf_model.config._attn_implementation
     inst = _Instrumenter(adapter, n_heads, n_kv_heads)
+    attn = adapter.attention
     try:
-        with hf_attention.attention_capture(mark_qk_here=adapter.attention.q_site is None, mark_rotated=adapter.rotary):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(hf_attention.attention_capture(
+                mark_qk_here=attn.q_site is None and attn.rotary_fn is None, mark_rotated=adapter.rotary))
+            if attn.rotary_fn is not None:
+                attentions = [get_module(block, attn.path) for block in get_module(hf_model, adapter.blocks)]
+                stack.enter_context(rotary_inputs_marked(attentions, attn.rotary_fn))
             hf_model.set_attn_implementation(hf_attention.IMPLEMENTATION_NAME)
             inst.install(hf_model)
             yield inst.norm_eps
