@@ -145,6 +145,26 @@ def test_hooks_after_the_last_block_see_the_whole_prompt():
     assert logits.shape == (BATCH, VOCAB)
 
 
+def test_a_block_hook_keeps_the_last_position_graph():
+    """Only hooks after the last block would see one position: a block's hook runs in the sliced graph, sees
+    every position, and its edit reaches the last position's logits as in the full graph."""
+    _, model = _pair("llama")
+    tokens, mask = left_padded_example(seed=7, batch=BATCH, length=LENGTH)
+    decoder, seen = model.decoder, []
+
+    def edit(x, hook):
+        seen.append(tuple(x.shape))
+        return x * 1.5
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", edit)]):
+        full = decoder.run_static(decoder.init_static_kv_cache(BATCH, MAX_LEN), tokens, mask)
+        last = decoder.run_static(decoder.init_static_kv_cache(BATCH, MAX_LEN), tokens, mask, last_position=True)
+    plain = decoder.run_static(decoder.init_static_kv_cache(BATCH, MAX_LEN), tokens, mask)
+    assert seen == [(BATCH, LENGTH, model.cfg.d_model)] * 2
+    assert last.shape == (BATCH, 1, VOCAB)
+    torch.testing.assert_close(last[:, 0], full[:, -1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(full[:, -1], plain[:, -1], atol=1e-3)  # the edit moved them
+
+
 def test_compiled_prompt_equals_hf_on_gemma2():
     """The padded, precompiled prompt (its step unembeds one position, then the final soft cap)."""
     hf, model = _pair("gemma2")

@@ -19,7 +19,7 @@ from fxhook.core import hook_names
 from fxhook.core.kv_ops import positions_from_mask
 from fxhook.passes.resume_from import RESUME_INPUTS
 from fxhook.pipeline import ACTIVATION_NAMES, DecodeKind, GraphSpec
-from fxhook.runtime.decode import check_context_length
+from fxhook.runtime.decode import check_context_length, refuse_hooks_after_blocks
 from fxhook.runtime.kv_cache import KVCache
 
 if TYPE_CHECKING:
@@ -125,11 +125,8 @@ def run_resumed_after(model: HookedTransformer, starts: frozenset[str], activati
     d_vocab]; passes/last_position.py), for runs with no hook live after the last block.
     """
     spec = dataclasses.replace(GraphSpec.from_cfg(model.cfg, live_hooks=model.live_hooks()), resume_from=starts)
-    after_blocks = sorted(name for name in spec.live_hooks if hook_names.after_blocks(name))
-    if last_position and after_blocks:
-        raise ValueError(f"last_position=True runs the final norm and unembedding on the last position only, so "
-                         f"the hooks on {after_blocks} would see one position: remove them or pass "
-                         "last_position=False")
+    if last_position:
+        refuse_hooks_after_blocks(spec.live_hooks)
     if not isinstance(past, KVCache):
         raise TypeError(f"past must be a KVCache (model.init_kv_cache filled by a run), got {type(past).__name__}")
     heads = model.decoder.kv_heads(spec)

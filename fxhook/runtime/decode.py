@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 
 from fxhook.config import HookedTransformerConfig
+from fxhook.core import hook_names
 from fxhook.core.kv_ops import positions_from_mask
 from fxhook.pipeline import DecodeKind, GraphSpec
 from fxhook.runtime.graphs import CompileOptions, GraphEntry, GraphStore
@@ -91,6 +92,15 @@ def check_context_length(cfg: HookedTransformerConfig, length: int) -> None:
     if length > cfg.n_ctx:
         raise ValueError(f"the input has {length} positions but the model's context is n_ctx={cfg.n_ctx}; "
                          f"shorten the prompt (or truncate it, e.g. tokens[:, -{cfg.n_ctx}:])")
+
+
+def refuse_hooks_after_blocks(live_hooks) -> None:
+    """A last-position graph (`DecodeKind(last_position=True)`) runs the final norm and unembedding on the last
+    position only: a hook live there would see one position, so it is refused, naming the hooks."""
+    after = sorted(name for name in live_hooks if hook_names.after_blocks(name))
+    if after:
+        raise ValueError(f"last_position=True runs the final norm and unembedding on the last position only, so "
+                         f"the hooks on {after} would see one position: remove them or pass last_position=False")
 
 
 class Decoder:
@@ -180,15 +190,13 @@ class Decoder:
                    ) -> torch.Tensor:
         """Write tokens [b, q] (padding mask [b, q]) into the static cache -> logits [b, q, vocab]
         ([b, 1, vocab] with `last_position`: the final norm and unembedding run for the last position only,
-        passes/last_position.py; for a graph with no hook point live, whose hooks after the last block
-        would otherwise see one position)."""
+        passes/last_position.py; refused with a hook live after the last block, which would see one
+        position)."""
         spec = self.spec()
         if cache.keys[0].shape[1] != self.kv_heads(spec):
             raise ValueError("the static cache was made under other model flags: make a new one")
-        if last_position and spec.live_hooks:
-            raise ValueError(f"last_position=True runs the final norm and unembedding on the last position only, "
-                             f"which hooked points would see: remove the hooks on {sorted(spec.live_hooks)[:3]} "
-                             f"or pass last_position=False")
+        if last_position:
+            refuse_hooks_after_blocks(spec.live_hooks or ())
         check_context_length(self.cfg, cache.context_length(tokens.shape[1]))
         cache_position = cache.reserve(mask)
         entry = self.graphs.decode(spec, DecodeKind(static=True, embeds=embeds is not None,
