@@ -141,7 +141,8 @@ class CorruptedRun:
         self.kv = model.init_kv_cache(tokens.shape[0])
         if any(run.first for run in runs):
             model.decoder.run_growing(self.kv, tokens, mask)
-        self.unread = torch.full_like(self.logits[:, :-1], float("nan"))  # what a last_only metric is given
+        # what a last_only metric is given at the earlier positions
+        self.unread = torch.full_like(self.logits[:, :-1], float("nan")) if last_only else None
 
     def logits_after(self, run: PatchRun) -> torch.Tensor:
         """Logits [copies * batch, pos - run.first, d_vocab] of the run's copies of the input at positions
